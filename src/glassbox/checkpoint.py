@@ -1,0 +1,191 @@
+"""Checkpoint directories: safetensors and JSON only, written atomically.
+
+Every file is written to a temporary name in the same directory, flushed and fsynced,
+then renamed over the target, so a crash leaves either the old file or the new one,
+never half of one. Whole snapshot directories (``checkpoints/step_000100``) are built
+under a temporary name and renamed into place the same way. Nothing pickled is loaded.
+
+Layout of a run directory::
+
+    config.json          model config + glassbox version + stage
+    model.safetensors    weights (the latest)
+    tokenizer.json       tokenizer (tokenizers format)
+    metrics.jsonl        one JSON object per evaluation
+    checkpoints/step_N/  complete snapshots for --resume: model, config, trainer/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from glassbox.errors import GlassboxError
+
+SNAPSHOT_PREFIX = "step_"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` as pretty JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or malformed file raises a clear GlassboxError."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlassboxError(f"Missing file {path}: is this a glassbox run directory?")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GlassboxError(
+            f"{path} is not valid JSON ({e}); the checkpoint is corrupted or partial. "
+            "Resume from an earlier snapshot or retrain."
+        ) from e
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically (tensors are made contiguous CPU copies)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(cpu, metadata=metadata))
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; missing or corrupted files raise a clear GlassboxError."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlassboxError(f"Missing file {path}: is this a glassbox run directory?")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GlassboxError(
+            f"Cannot read {path} ({e}); the file is corrupted or partial. "
+            "Resume from an earlier snapshot or retrain."
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------
+# Snapshot directories
+# ---------------------------------------------------------------------------------------
+
+
+def write_snapshot(run_dir: str | Path, step: int, files: dict[str, bytes], keep_last: int) -> Path:
+    """Write ``files`` (relative name -> bytes) as ``run_dir/checkpoints/step_N`` atomically.
+
+    The snapshot is assembled in a temporary directory, fsynced, and renamed into place;
+    then all but the newest ``keep_last`` snapshots are removed.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{SNAPSHOT_PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        for name, data in files.items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_snapshots(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_snapshots(run_dir: str | Path) -> list[Path]:
+    """Complete snapshot directories of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    snaps = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(SNAPSHOT_PREFIX)]
+    return sorted(snaps, key=lambda p: int(p.name[len(SNAPSHOT_PREFIX) :]))
+
+
+def latest_snapshot(run_dir: str | Path) -> Path | None:
+    snaps = list_snapshots(run_dir)
+    return snaps[-1] if snaps else None
+
+
+def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize tensors to safetensors bytes (for building snapshots)."""
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer and RNG state without pickle
+# ---------------------------------------------------------------------------------------
+
+
+def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state_dict into flat tensors (safetensors) and JSON-able metadata."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    meta = {"param_groups": sd["param_groups"], "scalars": scalars, "tensor_keys": sorted(tensors)}
+    return tensors, meta
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Rebuild an optimizer state_dict from :func:`optimizer_state_to_tensors` output."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
