@@ -151,9 +151,13 @@ def latest_snapshot(run_dir: str | Path) -> Path | None:
     return snaps[-1] if snaps else None
 
 
-def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+def tensors_bytes(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> bytes:
     """Serialize tensors to safetensors bytes (for building snapshots)."""
-    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return save(
+        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata
+    )
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -165,7 +169,9 @@ def json_bytes(obj: Any) -> bytes:
 # ---------------------------------------------------------------------------------------
 
 
-def optimizer_state_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_state_to_tensors(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state_dict into flat tensors (safetensors) and JSON-able metadata."""
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -189,3 +195,72 @@ def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -
     for pid, values in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ---------------------------------------------------------------------------------------
+# Model directories (config.json + model.safetensors + tokenizer.json)
+# ---------------------------------------------------------------------------------------
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights without tied duplicates (safetensors stores each tensor once)."""
+    sd = model.state_dict()
+    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def config_record(model_cfg, stage: str, extra: dict | None = None) -> dict:
+    from glassbox import __version__
+
+    return {"model": model_cfg.to_dict(), "glassbox_version": __version__, "stage": stage} | (
+        extra or {}
+    )
+
+
+def save_model_dir(out: str | Path, model, tokenizer, stage: str, extra: dict | None = None):
+    """Write config.json, model.safetensors and tokenizer.json into ``out`` atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(model_state(model), out / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save(out / "tokenizer.json")
+    save_json(config_record(model.cfg, stage, extra), out / "config.json")
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
+    """Load (model, tokenizer, config record) from a run or snapshot directory."""
+    from glassbox.config import ModelConfig
+    from glassbox.model import Transformer
+    from glassbox.tokenizer import Tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise GlassboxError(
+            f"Checkpoint directory {path} does not exist; pass the --out directory of a "
+            "`glassbox pretrain` run (or an imported model)."
+        )
+    record = load_json(path / "config.json")
+    if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+        raise GlassboxError(f"{path / 'config.json'} has no 'model' section; not a glassbox run.")
+    try:
+        cfg = ModelConfig.from_dict(record["model"])
+    except TypeError as e:
+        raise GlassboxError(f"{path / 'config.json'} has an invalid model config: {e}") from e
+    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    state = load_tensors(path / "model.safetensors", device=device)
+    with torch.device(device):
+        model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise GlassboxError(
+            f"{path / 'model.safetensors'} does not match config.json: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}. The checkpoint is corrupted or "
+            "from another model."
+        )
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise GlassboxError(
+            f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{cfg.vocab_size}; the two files are from different runs."
+        )
+    return model.eval(), tokenizer, record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -15,7 +16,163 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+tokenizer_app = typer.Typer(help="Byte-level BPE tokenizers.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(diffuse_app, name="diffuse")
+
+DATA_HELP = "Corpus: builtin:stdlib|builtin:python|builtin:pydoc, a file, directory, glob or .jsonl"
+
+
+@app.command()
+def pretrain(
+    out: Annotated[str, typer.Option(help="Run directory to write.")] = "runs/base",
+    data: Annotated[list[str] | None, typer.Option(help=DATA_HELP)] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of .jsonl records.")] = "text",
+    model: Annotated[
+        str, typer.Option(help="Model preset: test, tiny, small, gpt2-124m, ...")
+    ] = "tiny",
+    context_length: Annotated[
+        int | None, typer.Option(help="Override the preset's context.")
+    ] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Existing tokenizer.json.")] = None,
+    vocab_size: Annotated[
+        int, typer.Option(help="Vocabulary of a newly trained tokenizer.")
+    ] = 4096,
+    batch_size: int = 16,
+    grad_accum: int = 1,
+    optimizer: Annotated[str, typer.Option(help="adamw or muon")] = "adamw",
+    lr: float = 3e-3,
+    warmup_steps: int = 30,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    max_steps: int = 600,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget.")] = None,
+    log_interval: int = 10,
+    eval_interval: int = 100,
+    eval_tokens: int = 131072,
+    sample_tokens: int = 48,
+    checkpoint_interval: int = 200,
+    keep_last: int = 2,
+    val_fraction: float = 0.05,
+    seed: int = 1337,
+    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot.")] = False,
+) -> None:
+    """Pretrain a transformer on next-token prediction (default: Python's own sources)."""
+    from glassbox.train.pretrain import PretrainConfig
+    from glassbox.train.pretrain import pretrain as run
+
+    cfg = PretrainConfig(
+        out=out, data=data or ["builtin:stdlib"], text_field=text_field, model=model,
+        context_length=context_length, tokenizer=tokenizer, vocab_size=vocab_size,
+        batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, lr=lr,
+        warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
+        max_steps=max_steps, max_minutes=max_minutes, log_interval=log_interval,
+        eval_interval=eval_interval, eval_tokens=eval_tokens, sample_tokens=sample_tokens,
+        checkpoint_interval=checkpoint_interval, keep_last=keep_last,
+        val_fraction=val_fraction, seed=seed, compile=compile, device=device, resume=resume,
+    )  # fmt: skip
+    last = run(cfg)
+    if last:
+        typer.echo(
+            f"done: step {last['step']}, val_loss {last.get('val_loss', float('nan')):.4f}, "
+            f"val_bpb {last.get('val_bpb', float('nan')):.4f}; wrote {out}/ "
+            "(model.safetensors, config.json, tokenizer.json, metrics.jsonl, loss.png)"
+        )
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[str, typer.Argument(help="Checkpoint directory.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
+    max_tokens: Annotated[
+        int | None, typer.Option(help="New tokens (default: rest of context).")
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="0 = off.")] = 0,
+    top_p: Annotated[float, typer.Option(help="1 = off.")] = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    seed: int | None = None,
+    truncate: Annotated[bool, typer.Option(help="Drop the oldest prompt tokens to fit.")] = False,
+    device: str = "auto",
+) -> None:
+    """Generate text token by token, streaming it to the terminal."""
+    from glassbox.checkpoint import load_model_dir
+    from glassbox.device import resolve_device
+    from glassbox.infer.generate import generate_text
+    from glassbox.infer.sampling import SamplingParams
+
+    params = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, seed=seed,
+    )  # fmt: skip
+    params.validate()
+    model, tok, _ = load_model_dir(run_dir, resolve_device(device))
+    ids = [tok.eot_id, *tok.encode(prompt)]
+    sys.stdout.write(prompt)
+    result = generate_text(
+        model, tok, ids, max_tokens, params, stop, truncate,
+        on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+    )  # fmt: skip
+    sys.stdout.write("\n")
+    typer.secho(
+        f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}, "
+        f"prompt {result.prompt_tokens} tokens]",
+        err=True,
+        dim=True,
+    )
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    out: Annotated[str, typer.Option(help="Where to write tokenizer.json.")] = "tokenizer.json",
+    data: Annotated[list[str] | None, typer.Option(help=DATA_HELP)] = None,
+    text_field: str = "text",
+    vocab_size: int = 4096,
+) -> None:
+    """Train a byte-level BPE tokenizer and report its compression (bytes per token)."""
+    from glassbox.data.corpus import load_corpus
+    from glassbox.tokenizer import Tokenizer
+
+    docs = load_corpus(data or ["builtin:stdlib"], text_field)
+    tok = Tokenizer.train([d.text for d in docs], vocab_size=vocab_size)
+    tok.save(out)
+    sample = "".join(d.text for d in docs[:: max(1, len(docs) // 50)])[:1_000_000]
+    n = len(tok.encode(sample))
+    typer.echo(
+        f"wrote {out}: {tok.vocab_size} tokens; {len(sample.encode()) / max(1, n):.2f} bytes/token "
+        f"on a {len(sample):,}-character sample"
+    )
+
+
+@app.command("export")
+def export(
+    run_dir: Annotated[str, typer.Argument(help="Checkpoint directory.")],
+    out: Annotated[str, typer.Option(help="Directory to write.")],
+    format: Annotated[str, typer.Option(help="Export format: hf.")] = "hf",
+) -> None:
+    """Export a checkpoint as a Hugging Face Llama directory (loads in transformers)."""
+    from glassbox.interop.hf import export_hf
+
+    if format != "hf":
+        raise GlassboxError(f"--format={format!r} is not supported; use --format hf.")
+    export_hf(run_dir, out)
+    typer.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer files)")
+
+
+@app.command("import")
+def import_(
+    hf_dir: Annotated[str, typer.Argument(help="Hugging Face Llama directory.")],
+    out: Annotated[str, typer.Option(help="Glassbox checkpoint directory to write.")],
+) -> None:
+    """Import a Hugging Face Llama-layout directory as a glassbox checkpoint."""
+    from glassbox.interop.hf import import_hf
+
+    import_hf(hf_dir, out)
+    typer.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json)")
 
 
 def main() -> None:
