@@ -9,6 +9,7 @@ import typer
 
 from glassbox.diffusion.cli import app as diffuse_app
 from glassbox.errors import GlassboxError
+from glassbox.serve.commands import register as register_serving
 
 app = typer.Typer(
     help="Glassbox: tokenizer, transformer, pretraining, generation, diffusion.",
@@ -19,6 +20,7 @@ app = typer.Typer(
 tokenizer_app = typer.Typer(help="Byte-level BPE tokenizers.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(diffuse_app, name="diffuse")
+register_serving(app)
 
 DATA_HELP = "Corpus: builtin:stdlib|builtin:python|builtin:pydoc, a file, directory, glob or .jsonl"
 
