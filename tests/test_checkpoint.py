@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from glassbox import checkpoint as ckpt
+from glassbox.errors import GlassboxError
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    ckpt.atomic_write_bytes(tmp_path / "a.bin", b"one")
+    ckpt.atomic_write_bytes(tmp_path / "a.bin", b"two")
+    assert (tmp_path / "a.bin").read_bytes() == b"two"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_model_dir_round_trip(tmp_path, tiny_model, tokenizer):
+    ckpt.save_model_dir(tmp_path, tiny_model, tokenizer, "test")
+    model, tok, record = ckpt.load_model_dir(tmp_path)
+    x = torch.randint(0, tokenizer.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tiny_model(x), rtol=0, atol=0)
+    assert record["stage"] == "test" and tok.vocab_size == tokenizer.vocab_size
+
+
+def test_bad_checkpoint_directories_name_the_file(tmp_path, tiny_model, tokenizer):
+    with pytest.raises(GlassboxError, match="does not exist"):
+        ckpt.load_model_dir(tmp_path / "missing")
+    ckpt.save_model_dir(tmp_path, tiny_model, tokenizer, "test")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated write
+    with pytest.raises(GlassboxError, match="model.safetensors"):
+        ckpt.load_model_dir(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(GlassboxError, match="config.json"):
+        ckpt.load_model_dir(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(GlassboxError, match="config.json"):
+        ckpt.load_model_dir(tmp_path)
+
+
+def test_optimizer_state_round_trip_without_pickle(tiny_model):
+    opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    tiny_model(torch.randint(0, 100, (2, 8))).sum().backward()
+    opt.step()
+    tensors, meta = ckpt.optimizer_state_to_tensors(opt)
+    blob = ckpt.tensors_bytes(tensors)
+    from safetensors.torch import load
+
+    opt2 = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    opt2.load_state_dict(ckpt.optimizer_state_from_tensors(load(blob), meta))
+    assert len(opt2.state) == len(opt.state) > 0
+    for p in tiny_model.parameters():
+        torch.testing.assert_close(opt.state[p]["exp_avg"], opt2.state[p]["exp_avg"])
+        torch.testing.assert_close(opt.state[p]["step"], opt2.state[p]["step"])
+
+
+def test_snapshots_keep_last_k(tmp_path):
+    for step in (1, 2, 3, 4):
+        ckpt.write_snapshot(tmp_path, step, {"x.json": b"{}"}, keep_last=2)
+    assert [p.name for p in ckpt.list_snapshots(tmp_path)] == ["step_00000003", "step_00000004"]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
