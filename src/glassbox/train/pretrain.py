@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from glassbox import checkpoint as ckpt
 from glassbox.config import ModelConfig
-from glassbox.data.corpus import load_corpus
+from glassbox.data.corpus import load_corpus, split_documents
 from glassbox.data.tokens import TokenData, tokenize_corpus
 from glassbox.device import autocast, resolve_device
 from glassbox.errors import GlassboxError
@@ -127,10 +127,10 @@ def prepare_tokenizer(cfg: PretrainConfig, docs, resume_dir: Path | None) -> Tok
         return Tokenizer.load(resume_dir / "tokenizer.json")
     if cfg.tokenizer:
         return Tokenizer.load(cfg.tokenizer)
-    budget, texts = cfg.tokenizer_max_chars, []
-    step = max(1, sum(len(d.text) for d in docs) // max(1, budget))
-    for d in docs[::step] if step > 1 else docs:  # an even sample across the corpus
-        texts.append(d.text)
+    train_docs, _ = split_documents(docs, cfg.val_fraction)  # never learn from validation
+    total = sum(len(d.text) for d in train_docs)
+    stride = max(1, total // max(1, cfg.tokenizer_max_chars))
+    texts = [d.text for d in train_docs[::stride]]  # an even sample across the corpus
     return Tokenizer.train(texts, vocab_size=cfg.vocab_size, show_progress=False)
 
 
@@ -280,13 +280,28 @@ def load_snapshot(snap: Path, model: Transformer, optimizers, world: int, rank: 
     return state["step"], state["elapsed_s"], state["tokens_seen"], rng["data_rng"][rank]
 
 
+def rank0_value(x: float, d: Dist) -> float:
+    """Rank 0's value of ``x`` on every process (identity when not distributed)."""
+    if d.world == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=_comm_device())
+    dist.broadcast(t, src=0)
+    return float(t)
+
+
+def _comm_device() -> torch.device:
+    """NCCL only moves CUDA tensors; gloo moves CPU ones."""
+    return torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def gather_rng(gen: torch.Generator, d: Dist) -> torch.Tensor:
     state = gen.get_state().view(1, -1)
     if d.world == 1:
         return state
+    state = state.to(_comm_device())
     parts = [torch.empty_like(state) for _ in range(d.world)]
     dist.all_gather(parts, state)
-    return torch.cat(parts)
+    return torch.cat(parts).cpu()
 
 
 # --------------------------------------------------------------------------------------
@@ -345,12 +360,16 @@ def pretrain(cfg: PretrainConfig) -> dict:
         )
 
     last: dict = {}
+    # The training clock (elapsed_s, --max-minutes, tokens_per_s) excludes evaluation,
+    # samples and checkpoint writes; wall_s in metrics.jsonl counts everything.
     t_start = time.perf_counter()
-    t_log, tok_log, loss_sum, loss_n = t_start, 0, 0.0, 0
+    paused = 0.0
+    elapsed_log, tok_log, loss_sum, loss_n = elapsed_prev, 0, 0.0, 0
     with progress_bar() as bar:
         task = bar.add_task("pretrain", total=cfg.max_steps, completed=step, info="")
         while True:
-            elapsed = elapsed_prev + time.perf_counter() - t_start
+            # Every process must agree on the clock: it sets the learning rate and the end.
+            elapsed = rank0_value(elapsed_prev + time.perf_counter() - t_start - paused, d)
             if step >= cfg.max_steps or run_progress(cfg, step, elapsed) >= 1.0:
                 break
             # --- one optimizer step: forward/backward over grad_accum micro-batches
@@ -381,7 +400,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             tok_log += tokens_per_step
 
             # --- logging, evaluation, samples, snapshots
-            elapsed = elapsed_prev + time.perf_counter() - t_start
+            elapsed = rank0_value(elapsed_prev + time.perf_counter() - t_start - paused, d)
             done = step >= cfg.max_steps or run_progress(cfg, step, elapsed) >= 1.0
             do_eval = step % cfg.eval_interval == 0 or done
             if step % cfg.log_interval == 0 or do_eval:
@@ -389,12 +408,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 row = {
                     "step": step,
                     "elapsed_s": round(elapsed, 3),
+                    "wall_s": round(now - t_start, 3),
                     "tokens": tokens_seen,
-                    "tokens_per_s": round(tok_log / max(now - t_log, 1e-9), 1),
+                    "tokens_per_s": round(tok_log / max(elapsed - elapsed_log, 1e-9), 1),
                     "train_loss": loss_sum / max(1, loss_n),
                     "lr": lr,
                 }
-                t_log, tok_log, loss_sum, loss_n = now, 0, 0.0, 0
+                elapsed_log, tok_log, loss_sum, loss_n = elapsed, 0, 0.0, 0
                 if do_eval and d.main:
                     vl, vb = evaluate(
                         model, data, token_bytes, seq_len, cfg.batch_size, cfg.eval_tokens, device
@@ -414,9 +434,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
                     info=f"{row['tokens_per_s']:,.0f} tok/s loss {row['train_loss']:.3f}"
                     + (f" val_bpb {row['val_bpb']:.3f}" if "val_bpb" in row else ""),
                 )
+                paused += time.perf_counter() - now
             else:
                 bar.update(task, completed=step)
             if step % cfg.checkpoint_interval == 0 or done:
+                t_ckpt = time.perf_counter()
                 rng_all = gather_rng(gen, d)
                 if d.main:
                     save_snapshot(
@@ -431,6 +453,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         tokens_seen,
                     )
                     plot_curves(run_dir / "metrics.jsonl", run_dir / "loss.png")
+                paused += time.perf_counter() - t_ckpt
     if d.world > 1:
         dist.barrier()
     return last
