@@ -437,6 +437,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 paused += time.perf_counter() - now
             else:
                 bar.update(task, completed=step)
+            if cfg.max_minutes:  # a time budget: re-estimate the total steps for the ETA
+                progress = run_progress(cfg, step, elapsed)
+                bar.update(
+                    task, total=min(cfg.max_steps, max(step, round(step / max(progress, 1e-9))))
+                )
             if step % cfg.checkpoint_interval == 0 or done:
                 t_ckpt = time.perf_counter()
                 rng_all = gather_rng(gen, d)
