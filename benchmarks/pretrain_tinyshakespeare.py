@@ -52,7 +52,7 @@ def baseline(text: str, budget_s: float, eval_every_s: float) -> list[tuple[floa
     torch.manual_seed(1337)
     cfg = GPT2Config(
         vocab_size=len(chars), n_positions=T, n_embd=128, n_layer=4, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
     )  # fmt: skip
     model = GPT2LMHeadModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
@@ -67,7 +67,9 @@ def baseline(text: str, budget_s: float, eval_every_s: float) -> list[tuple[floa
         nats = 0.0
         for i in range(0, n_val, 256):
             logits = model(val_x[i : i + 256]).logits
-            nats += F.cross_entropy(logits.flatten(0, 1), val_y[i : i + 256].flatten(), reduction="sum").item()
+            nats += F.cross_entropy(
+                logits.flatten(0, 1), val_y[i : i + 256].flatten(), reduction="sum"
+            ).item()
         model.train()
         return nats / math.log(2) / nbytes
 
@@ -104,7 +106,9 @@ def baseline(text: str, budget_s: float, eval_every_s: float) -> list[tuple[floa
     return curve
 
 
-def ours(text: str, budget_s: float, eval_every_steps: int, recipe: dict) -> list[tuple[float, float]]:
+def ours(
+    text: str, budget_s: float, eval_every_steps: int, recipe: dict
+) -> list[tuple[float, float]]:
     from glassbox.track import read_metrics
     from glassbox.train.pretrain import PretrainConfig, pretrain
 
@@ -133,7 +137,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=180.0)
     ap.add_argument("--baseline-max-s", type=float, default=360.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--eval-every-s", type=float, default=5.0)
+    ap.add_argument("--eval-every-s", type=float, default=10.0)
     ap.add_argument("--eval-every-steps", type=int, default=20)
     ap.add_argument("--recipe", default="{}", help="JSON overrides of the OURS recipe")
     ap.add_argument("--skip-baseline", action="store_true")
@@ -143,7 +147,9 @@ def main() -> None:
     recipe = OURS | json.loads(args.recipe)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; recipe {recipe}")
 
-    base_curve = [] if args.skip_baseline else baseline(text, args.baseline_max_s, args.eval_every_s)
+    base_curve = (
+        [] if args.skip_baseline else baseline(text, args.baseline_max_s, args.eval_every_s)
+    )
     our_curve = ours(text, args.budget_s, args.eval_every_steps, recipe)
     for t, b in our_curve:
         print(f"  glassbox  {t:6.1f}s  val_bpb {b:.3f}")
@@ -154,10 +160,16 @@ def main() -> None:
     print(f"| run | time to {TARGET_BPB} bpb (s) | val bpb at end |")
     print("|---|---|---|")
     if base_curve:
-        print(f"| baseline GPT2LMHeadModel char-level | {tb if tb else 'not reached'} | {base_curve[-1][1]:.3f} |")
-    print(f"| glassbox | {to if to else 'not reached'} | {final:.3f} (after {args.budget_s:.0f} s) |")
+        print(
+            f"| baseline GPT2LMHeadModel char-level | {tb if tb else 'not reached'} | {base_curve[-1][1]:.3f} |"
+        )
+    print(
+        f"| glassbox | {to if to else 'not reached'} | {final:.3f} (after {args.budget_s:.0f} s) |"
+    )
     ratio = f"{to / tb:.3f}" if tb and to else "n/a"
-    print(f"time-to-{TARGET_BPB}-bpb ratio glassbox/baseline: {ratio}; glassbox bpb at {args.budget_s:.0f}s: {final:.3f}")
+    print(
+        f"time-to-{TARGET_BPB}-bpb ratio glassbox/baseline: {ratio}; glassbox bpb at {args.budget_s:.0f}s: {final:.3f}"
+    )
 
 
 if __name__ == "__main__":

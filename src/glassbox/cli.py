@@ -77,6 +77,8 @@ def pretrain(
     )  # fmt: skip
     last = run(cfg)
     if last:
+        if last.get("sample"):
+            typer.echo(f"sample at step {last['step']}:\n{last['sample']}\n")
         typer.echo(
             f"done: step {last['step']}, val_loss {last.get('val_loss', float('nan')):.4f}, "
             f"val_bpb {last.get('val_bpb', float('nan')):.4f}; wrote {out}/ "
