@@ -10,6 +10,7 @@ import typer
 from glassbox.diffusion.cli import app as diffuse_app
 from glassbox.errors import GlassboxError
 from glassbox.serve.commands import register as register_serving
+from glassbox.train.pretrain import PretrainConfig
 
 app = typer.Typer(
     help="Glassbox: tokenizer, transformer, pretraining, generation, diffusion.",
@@ -22,53 +23,49 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(diffuse_app, name="diffuse")
 register_serving(app)
 
+_P = PretrainConfig()  # the CLI's defaults are the config's defaults
 DATA_HELP = "Corpus: builtin:stdlib|builtin:python|builtin:pydoc, a file, directory, glob or .jsonl"
 
 
 @app.command()
 def pretrain(
-    out: Annotated[str, typer.Option(help="Run directory to write.")] = "runs/base",
+    out: Annotated[str, typer.Option(help="Run directory to write.")] = _P.out,
     data: Annotated[list[str] | None, typer.Option(help=DATA_HELP)] = None,
-    text_field: Annotated[str, typer.Option(help="Text field of .jsonl records.")] = "text",
-    model: Annotated[
-        str, typer.Option(help="Model preset: test, tiny, small, gpt2-124m, ...")
-    ] = "tiny",
-    context_length: Annotated[
-        int | None, typer.Option(help="Override the preset's context.")
-    ] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of .jsonl records.")] = _P.text_field,
+    model: Annotated[str, typer.Option(help="Preset: test, tiny, small, gpt2-124m")] = _P.model,
+    context_length: Annotated[int | None, typer.Option(help="Override the context.")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Existing tokenizer.json.")] = None,
-    vocab_size: Annotated[
-        int, typer.Option(help="Vocabulary of a newly trained tokenizer.")
-    ] = 4096,
-    batch_size: int = 16,
-    grad_accum: int = 1,
-    optimizer: Annotated[str, typer.Option(help="adamw or muon")] = "adamw",
-    lr: float = 3e-3,
-    warmup_steps: int = 30,
-    weight_decay: float = 0.1,
-    grad_clip: float = 1.0,
-    max_steps: int = 600,
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary of a new tokenizer.")] = _P.vocab_size,
+    batch_size: int = _P.batch_size,
+    grad_accum: int = _P.grad_accum,
+    optimizer: Annotated[str, typer.Option(help="muon or adamw")] = _P.optimizer,
+    lr: float = _P.lr,
+    min_lr_ratio: float = _P.min_lr_ratio,
+    warmup_steps: int = _P.warmup_steps,
+    weight_decay: float = _P.weight_decay,
+    grad_clip: float = _P.grad_clip,
+    max_steps: int = _P.max_steps,
     max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget.")] = None,
-    log_interval: int = 10,
-    eval_interval: int = 100,
-    eval_tokens: int = 131072,
-    sample_tokens: int = 48,
-    checkpoint_interval: int = 200,
-    keep_last: int = 2,
-    val_fraction: float = 0.05,
-    seed: int = 1337,
+    log_interval: int = _P.log_interval,
+    eval_interval: int = _P.eval_interval,
+    eval_tokens: int = _P.eval_tokens,
+    sample_tokens: int = _P.sample_tokens,
+    checkpoint_interval: int = _P.checkpoint_interval,
+    keep_last: int = _P.keep_last,
+    val_fraction: float = _P.val_fraction,
+    seed: int = _P.seed,
     compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot.")] = False,
 ) -> None:
     """Pretrain a transformer on next-token prediction (default: Python's own sources)."""
-    from glassbox.train.pretrain import PretrainConfig
     from glassbox.train.pretrain import pretrain as run
 
     cfg = PretrainConfig(
         out=out, data=data or ["builtin:stdlib"], text_field=text_field, model=model,
         context_length=context_length, tokenizer=tokenizer, vocab_size=vocab_size,
         batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, lr=lr,
+        min_lr_ratio=min_lr_ratio,
         warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
         max_steps=max_steps, max_minutes=max_minutes, log_interval=log_interval,
         eval_interval=eval_interval, eval_tokens=eval_tokens, sample_tokens=sample_tokens,

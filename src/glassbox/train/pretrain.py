@@ -51,11 +51,11 @@ class PretrainConfig:
     val_fraction: float = 0.05
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1
-    optimizer: str = "adamw"  # "adamw" or "muon" (Muon on hidden matrices, AdamW elsewhere)
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
+    optimizer: str = "muon"  # "muon" (Muon on hidden matrices, AdamW elsewhere) or "adamw"
+    lr: float = 6e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
