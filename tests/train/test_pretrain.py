@@ -79,7 +79,9 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert lr_at(cfg, 0, 0) == pytest.approx(1e-4)
     assert lr_at(cfg, 10, 0) == pytest.approx(1e-3, rel=0.03)
     assert lr_at(cfg, 100, 0) == pytest.approx(1e-4)
-    timed = PretrainConfig(lr=1e-3, warmup_steps=10, max_steps=10**9, max_minutes=1.0)
+    timed = PretrainConfig(
+        lr=1e-3, warmup_steps=10, max_steps=10**9, max_minutes=1.0, min_lr_ratio=0.1
+    )
     assert lr_at(timed, 50, 60.0) == pytest.approx(1e-4)  # time budget spent: fully decayed
 
 
