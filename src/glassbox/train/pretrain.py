@@ -328,7 +328,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     seq_len = mcfg.context_length
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     data = tokenize_corpus(tokenizer, docs, cfg.val_fraction, seq_len, cache)
-    token_bytes = torch.tensor(tokenizer.token_byte_lengths())
+    token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
 
     # Model and optimizers
     model = Transformer(mcfg).to(device)
