@@ -52,7 +52,7 @@ class KVCache:
         k: torch.Tensor,  # (B, K, T, D)
         v: torch.Tensor,  # (B, K, T, D)
         input_pos: torch.Tensor,  # (B, T)
-        rows: torch.Tensor | None,  # (B,) cache rows, None = all rows in order
+        rows: torch.Tensor | None,  # (B,) cache rows, None = rows 0..B-1 in order
         span: int,  # attend over positions [0, span)
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values at their positions; return all keys/values (B, K, S, D)."""
@@ -62,8 +62,8 @@ class KVCache:
         )
         self.k[layer].index_put_((row_idx, input_pos), k.transpose(1, 2))
         self.v[layer].index_put_((row_idx, input_pos), v.transpose(1, 2))
-        if rows is None:
-            k_all, v_all = self.k[layer, :, :span], self.v[layer, :, :span]  # views
+        if rows is None:  # rows 0..B-1: slice views, no gather
+            k_all, v_all = self.k[layer, :B, :span], self.v[layer, :B, :span]
         else:
             k_all, v_all = self.k[layer, rows, :span], self.v[layer, rows, :span]
         return k_all.transpose(1, 2), v_all.transpose(1, 2)

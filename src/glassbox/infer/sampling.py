@@ -132,3 +132,62 @@ def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return filter_logits(
         logits, params.temperature, params.top_k, params.top_p, params.min_p
     ).softmax(-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Batches of independent sequences (the engine) and log-probabilities
+# ---------------------------------------------------------------------------------------
+
+
+def uses_history(params: SamplingParams) -> bool:
+    """Whether the penalties need the tokens seen so far (logit_bias alone does not)."""
+    return (
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+    )
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A private RNG for one sequence, so a seeded request draws the same tokens whether
+    it runs alone or batched with others; ``None`` uses torch's global RNG."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def sample_rows(
+    logits: torch.Tensor,  # (B, V) logits after penalties and masks
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """Draw one token per row, each row with its own parameters and RNG. Returns (B,).
+
+    Every row is sampled exactly as :func:`sample` would sample it alone, so batching
+    never changes a sequence's tokens (given the same logits).
+    """
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1)
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for i, (p, g) in enumerate(zip(params, generators, strict=True)):
+        out[i] = sample(logits[i : i + 1], p, g)[0]
+    return out
+
+
+def token_logprobs(
+    logits: torch.Tensor,  # (B, V)
+    tokens: torch.Tensor,  # (B,) chosen tokens
+    top_n: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen tokens and of the ``top_n`` most likely ones.
+
+    Returns (chosen (B,), top values (B, top_n), top ids (B, top_n)), computed with a
+    log-softmax over ``logits`` (before temperature and top-k/top-p/min-p filtering).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    chosen = logp.gather(-1, tokens.view(-1, 1)).squeeze(-1)  # (B,)
+    if top_n > 0:
+        top = torch.topk(logp, min(top_n, logp.shape[-1]), dim=-1)
+        return chosen, top.values, top.indices
+    empty = logp.new_empty(logp.shape[0], 0)
+    return chosen, empty, empty.long()

@@ -1,0 +1,179 @@
+"""Structured output: grammar masks over the vocabulary, one matcher per sequence.
+
+The grammar work is plumbing, so it comes from `llguidance` (see docs/serving.md for why
+not xgrammar): it compiles JSON schemas, regexes and Lark grammars against our own
+tokenizer and, at every decoding step, answers "which token ids may come next?" as a
+bitmask. The engine turns that bitmask into -inf logits before sampling and feeds every
+chosen token back to the matcher.
+
+    spec (json_object | json_schema | regex | choice)
+      --GrammarCompiler.compile--> Grammar (validated, cached)
+      --Grammar.matcher()--> TokenMatcher (one per sequence: mask, accept, done)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+import llguidance as llg
+import numpy as np
+import torch
+
+from glassbox.errors import GlassboxError
+from glassbox.tokenizer import Tokenizer
+
+ConstraintKind = Literal["json_object", "json_schema", "regex", "choice"]
+
+# Compact JSON (no optional whitespace): a weak model cannot wander off into endless
+# spaces and newlines, and outputs stay short.
+_JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match: a JSON object, a JSON schema, a regex, or one of a
+    list of strings. ``value`` is the schema (dict), the regex, or the list of choices."""
+
+    kind: ConstraintKind
+    value: Any = None
+
+    def key(self) -> str:
+        return json.dumps([self.kind, self.value], sort_keys=True)
+
+
+def bitmask_words(vocab_size: int) -> int:
+    """int32 words needed for one row of a token bitmask."""
+    return (vocab_size + 31) // 32
+
+
+def unpack_bitmask_np(bits: torch.Tensor, vocab_size: int) -> np.ndarray:
+    """(B, W) int32 bitmask -> (B, V) numpy bool, True where the token is allowed.
+
+    Bit j of word w is token 32w + j; on little-endian machines that is bit j % 8 of
+    byte 4w + j // 8, so numpy's unpackbits does it in microseconds, on one thread.
+    """
+    words = bits.contiguous().numpy()
+    if sys.byteorder != "little":  # pragma: no cover
+        words = words.byteswap()
+    allowed = np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")
+    return allowed[:, :vocab_size].view(np.bool_)  # (B, V)
+
+
+def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(B, W) int32 bitmask -> (B, V) bool tensor, True where the token is allowed."""
+    return torch.from_numpy(np.ascontiguousarray(unpack_bitmask_np(bits, vocab_size)))
+
+
+class TokenMatcher:
+    """The grammar state of one sequence."""
+
+    def __init__(self, matcher: llg.LLMatcher, vocab_size: int):
+        self._m = matcher
+        self.vocab_size = vocab_size
+
+    def fill_bitmask(self, row: torch.Tensor) -> None:
+        """Write the allowed-token bitmask for the next step into ``row`` ((W,) int32)."""
+        self._m.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+
+    def allowed(self) -> torch.Tensor:
+        """(V,) bool mask of the tokens the grammar allows next."""
+        row = torch.zeros(bitmask_words(self.vocab_size), dtype=torch.int32)
+        self.fill_bitmask(row)
+        return unpack_bitmask(row.view(1, -1), self.vocab_size)[0]
+
+    def accept(self, token: int) -> bool:
+        """Advance past ``token``; False if the grammar rejects it."""
+        return self._m.consume_token(token)
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and admits no more tokens (except end-of-sequence)."""
+        return self._m.is_stopped()
+
+    @property
+    def accepting(self) -> bool:
+        return self._m.is_accepting()
+
+    @property
+    def error(self) -> str:
+        return self._m.get_error()
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A grammar compiled for one tokenizer; makes fresh matchers for new sequences."""
+
+    text: str  # llguidance's grammar (JSON)
+    constraint: Constraint
+    _tokenizer: llg.LLTokenizer
+    vocab_size: int
+
+    def matcher(self) -> TokenMatcher:
+        m = llg.LLMatcher(self._tokenizer, self.text, log_level=0)
+        if m.is_error():
+            raise GlassboxError(
+                f"Cannot use the {self.constraint.kind} constraint: {m.get_error()}"
+            )
+        return TokenMatcher(m, self.vocab_size)
+
+
+class GrammarCompiler:
+    """Compiles constraints against one tokenizer. Thread-safe; results are cached."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]):
+        self.vocab_size = vocab_size
+        # llguidance reads our tokenizer.json directly (the same BPE the model uses);
+        # its vocabulary is padded to the model's so masks line up with the logits.
+        self.ll_tokenizer = llg.LLTokenizer(
+            tokenizer.to_json(), n_vocab=vocab_size, eos_token=eos_ids
+        )
+        self._compile = lru_cache(maxsize=256)(self._compile_key)
+
+    def compile(self, constraint: Constraint) -> Grammar:
+        """Validate and compile ``constraint``; a bad schema/regex raises GlassboxError."""
+        return self._compile(constraint.key())
+
+    def _compile_key(self, key: str) -> Grammar:
+        kind, value = json.loads(key)
+        constraint = Constraint(kind, value)
+        text = grammar_text(constraint)
+        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, self.ll_tokenizer)
+        if is_error:
+            raise GlassboxError(f"Invalid {kind} constraint: {messages[0]}")
+        return Grammar(text, constraint, self.ll_tokenizer, self.vocab_size)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes one token stands for (special tokens: their marker text)."""
+        return self.ll_tokenizer.decode_bytes([token])
+
+
+def grammar_text(constraint: Constraint) -> str:
+    """llguidance grammar for a constraint; raises GlassboxError for malformed values."""
+    kind, value = constraint.kind, constraint.value
+    if kind == "json_object":
+        return llg.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_OPTIONS)
+    if kind == "json_schema":
+        if not isinstance(value, dict):
+            raise GlassboxError("json_schema must be a JSON object (a JSON Schema).")
+        try:
+            return llg.LLMatcher.grammar_from_json_schema(value, defaults=_JSON_OPTIONS)
+        except ValueError as e:
+            raise GlassboxError(f"Invalid json_schema: {e}") from e
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise GlassboxError("regex must be a non-empty string.")
+        return llg.LLMatcher.grammar_from_regex(value)
+    if kind == "choice":
+        if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+            raise GlassboxError("choice must be a non-empty list of strings.")
+        if any(c == "" for c in value):
+            raise GlassboxError("choice strings must not be empty.")
+        # Lark string literals take JSON-style escapes, so json.dumps quotes each choice.
+        return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+    raise GlassboxError(
+        f"Unknown constraint type {kind!r}; use json_object, json_schema, regex or choice."
+    )
