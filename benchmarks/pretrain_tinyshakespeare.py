@@ -157,18 +157,19 @@ def main() -> None:
     tb, to = time_to(base_curve, TARGET_BPB), time_to(our_curve, TARGET_BPB)
     final = our_curve[-1][1] if our_curve else float("nan")
     print()
+
+    def fmt(t: float | None) -> str:
+        return f"{t:.1f}" if t else "not reached"
+
     print(f"| run | time to {TARGET_BPB} bpb (s) | val bpb at end |")
     print("|---|---|---|")
     if base_curve:
-        print(
-            f"| baseline GPT2LMHeadModel char-level | {tb if tb else 'not reached'} | {base_curve[-1][1]:.3f} |"
-        )
-    print(
-        f"| glassbox | {to if to else 'not reached'} | {final:.3f} (after {args.budget_s:.0f} s) |"
-    )
+        print(f"| baseline GPT2LMHeadModel char-level | {fmt(tb)} | {base_curve[-1][1]:.3f} |")
+    print(f"| glassbox | {fmt(to)} | {final:.3f} (after {args.budget_s:.0f} s) |")
     ratio = f"{to / tb:.3f}" if tb and to else "n/a"
     print(
-        f"time-to-{TARGET_BPB}-bpb ratio glassbox/baseline: {ratio}; glassbox bpb at {args.budget_s:.0f}s: {final:.3f}"
+        f"time-to-{TARGET_BPB}-bpb ratio glassbox/baseline: {ratio}; "
+        f"glassbox bpb at {args.budget_s:.0f}s: {final:.3f}"
     )
 
 
