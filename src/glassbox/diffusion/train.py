@@ -71,7 +71,7 @@ class TrainConfig:
 
 
 PRESETS = {
-    # Measured on 2 shared CPU cores; see benchmarks/results_diffusion.md.
+    # Measured on 2 shared CPU cores; see benchmarks/RESULTS.md.
     "default": dict(unet=dict(channels=32, channel_mults=(1, 2), attn_resolutions=(8,))),
     # For tests: seconds per run.
     "tiny": dict(
