@@ -65,7 +65,7 @@ class PretrainConfig:
     eval_interval: int = 100
     eval_tokens: int | None = 131072  # validation tokens per evaluation (None = all)
     sample_tokens: int = 48  # length of the sample printed at each evaluation (0 = none)
-    sample_prompt: str = "def "
+    sample_prompt: str = "def"
     checkpoint_interval: int = 200
     keep_last: int = 2
     seed: int = 1337
