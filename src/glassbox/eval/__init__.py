@@ -1,1 +1,0 @@
-"""glassbox.eval."""
