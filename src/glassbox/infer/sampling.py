@@ -125,15 +125,6 @@ def sample(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The probability distribution the sampler draws from (B, V); one-hot when greedy."""
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return filter_logits(
-        logits, params.temperature, params.top_k, params.top_p, params.min_p
-    ).softmax(-1)
-
-
 # ---------------------------------------------------------------------------------------
 # Batches of independent sequences (the engine) and log-probabilities
 # ---------------------------------------------------------------------------------------
