@@ -67,6 +67,15 @@ def test_metrics_files_and_snapshots(tmp_path, corpus_file, tok_file):
     assert state["step"] == 6 and state["tokens_seen"] == 6 * 4 * 64
 
 
+def test_fresh_run_refuses_to_overwrite_an_existing_one(tmp_path, corpus_file, tok_file):
+    from glassbox.errors import GlassboxError
+
+    run = tmp_path / "run"
+    pretrain(tiny_run(run, corpus_file, tok_file, max_steps=3))
+    with pytest.raises(GlassboxError, match="already holds a run"):
+        pretrain(tiny_run(run, corpus_file, tok_file, max_steps=3))
+
+
 def test_same_seed_is_deterministic(tmp_path, corpus_file, tok_file):
     pretrain(tiny_run(tmp_path / "a", corpus_file, tok_file, max_steps=3))
     pretrain(tiny_run(tmp_path / "b", corpus_file, tok_file, max_steps=3))

@@ -318,6 +318,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     resume_dir = ckpt.latest_snapshot(run_dir) if cfg.resume else None
     if cfg.resume and resume_dir is None:
         raise GlassboxError(f"--resume: {run_dir} has no snapshot in checkpoints/ to resume from.")
+    if not cfg.resume and ckpt.list_snapshots(run_dir):
+        raise GlassboxError(
+            f"{run_dir} already holds a run ({ckpt.list_snapshots(run_dir)[-1].name}); pass "
+            "--resume to continue it, or choose a new --out so nothing is overwritten."
+        )
 
     # Data and tokenizer
     docs = load_corpus(cfg.data, cfg.text_field)
