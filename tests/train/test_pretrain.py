@@ -94,12 +94,13 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert lr_at(timed, 50, 60.0) == pytest.approx(1e-4)  # time budget spent: fully decayed
 
 
-def test_two_process_gloo_ddp_step(tmp_path, corpus_file, tok_file):
+def test_two_process_gloo_ddp_step(tmp_path, corpus_file):
+    """Rank 0 learns the tokenizer and rank 1 loads it; both step together."""
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-port", "29533", "-m", "glassbox.cli", "pretrain", "--out", str(out),
-        "--data", corpus_file, "--tokenizer", tok_file, "--model", "test", "--batch-size", "2",
+        "--data", corpus_file, "--vocab-size", "300", "--model", "test", "--batch-size", "2",
         "--max-steps", "2", "--eval-interval", "2", "--eval-tokens", "256",
         "--sample-tokens", "0", "--device", "cpu",
     ]  # fmt: skip

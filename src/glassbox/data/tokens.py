@@ -115,9 +115,10 @@ def tokenize_corpus(
         train.tofile(tmp / "train.bin")
         val.tofile(tmp / "val.bin")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished the same cache first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
     meta = json.loads((final / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(final / "train.bin", dtype=dtype, mode="r", shape=(meta["train_tokens"],))

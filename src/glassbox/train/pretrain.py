@@ -280,6 +280,16 @@ def load_snapshot(snap: Path, model: Transformer, optimizers, world: int, rank: 
     return state["step"], state["elapsed_s"], state["tokens_seen"], rng["data_rng"][rank]
 
 
+@contextlib.contextmanager
+def main_process_first(d: Dist):
+    """Run the block on rank 0 first, then on the other ranks (no-op without torchrun)."""
+    if d.world > 1 and not d.main:
+        dist.barrier()
+    yield
+    if d.world > 1 and d.main:
+        dist.barrier()
+
+
 def rank0_value(x: float, d: Dist) -> float:
     """Rank 0's value of ``x`` on every process (identity when not distributed)."""
     if d.world == 1:
@@ -326,13 +336,23 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     # Data and tokenizer
     docs = load_corpus(cfg.data, cfg.text_field)
-    tokenizer = prepare_tokenizer(cfg, docs, resume_dir)
+    # Under torchrun, rank 0 learns the tokenizer and fills the token cache; the other
+    # ranks then load both, so every process is sure to use the same token ids.
+    shared_tok = run_dir / "tokenizer.json"
+    with main_process_first(d):
+        if d.main or resume_dir is not None or cfg.tokenizer:
+            tokenizer = prepare_tokenizer(cfg, docs, resume_dir)
+            if d.world > 1 and d.main:
+                tokenizer.save(shared_tok)
+        else:
+            tokenizer = Tokenizer.load(shared_tok)
     mcfg = ModelConfig.from_name(cfg.model, vocab_size=tokenizer.vocab_size)
     if cfg.context_length:
         mcfg = dataclasses.replace(mcfg, context_length=cfg.context_length)
     seq_len = mcfg.context_length
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    data = tokenize_corpus(tokenizer, docs, cfg.val_fraction, seq_len, cache)
+    with main_process_first(d):
+        data = tokenize_corpus(tokenizer, docs, cfg.val_fraction, seq_len, cache)
     token_bytes = torch.tensor(tokenizer.token_byte_lengths(), device=device)
 
     # Model and optimizers
