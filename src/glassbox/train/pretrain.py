@@ -82,6 +82,7 @@ class PretrainConfig:
                 raise GlassboxError(
                     f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1."
                 )
+        ModelConfig.from_name(self.model)  # an unknown preset fails before any data is read
         if self.optimizer not in ("adamw", "muon"):
             raise GlassboxError(f"--optimizer={self.optimizer!r}; choose 'adamw' or 'muon'.")
         if not 0 < self.lr < 1:
