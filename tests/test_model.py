@@ -31,6 +31,15 @@ def test_kv_cache_decoding_equals_full_forward(tiny_cfg):
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_logits_equal_the_last_row(tiny_model, tiny_cfg):
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        full = tiny_model(x)
+        last = tiny_model(x, cache=KVCache(tiny_cfg, 2), last_only=True)
+    assert last.shape == (2, 1, tiny_cfg.vocab_size)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
 def test_ragged_rows_decode_together(tiny_model, tiny_cfg):
     """Two sequences of different lengths in cache rows 2 and 0 decode in one pass."""
     a = torch.randint(0, tiny_cfg.vocab_size, (1, 7))

@@ -186,6 +186,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         input_pos: torch.Tensor | None = None,  # (B, T) positions; default 0..T-1
         rows: torch.Tensor | None = None,  # (B,) cache rows for these sequences
+        last_only: bool = False,  # logits for the last position only (prefill)
     ) -> torch.Tensor:
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, C)
@@ -205,4 +206,6 @@ class Transformer(nn.Module):
                 mask = (key_pos.view(1, 1, span) <= input_pos.unsqueeze(-1)).unsqueeze(1)
         for block in self.layers:
             x = block(x, cos, sin, cache, input_pos, rows, mask, span)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if last_only:  # a prefill needs one row of logits, not T (the LM head is large)
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))  # (B, T, V), or (B, 1, V) with last_only

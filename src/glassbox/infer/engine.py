@@ -122,7 +122,7 @@ def prefill(model: Transformer, cache: KVCache, prompt: torch.Tensor, slot: int)
     T = prompt.shape[0]
     input_pos = torch.arange(T, device=prompt.device).view(1, T)  # (1, T)
     rows = torch.tensor([slot], device=prompt.device)
-    return model(prompt.view(1, T), cache, input_pos, rows)[:, -1]  # (1, V)
+    return model(prompt.view(1, T), cache, input_pos, rows, last_only=True)[:, -1]  # (1, V)
 
 
 @torch.inference_mode()

@@ -65,7 +65,7 @@ def generate_ids(
         gen = torch.Generator(device=device).manual_seed(params.seed)
     cache = KVCache(model.cfg, 1, len(prompt) + max_new_tokens, device, model.embed.weight.dtype)
     seen = torch.tensor(prompt, device=device)
-    logits = model(seen.view(1, -1), cache=cache)[:, -1]  # (1, V) prefill
+    logits = model(seen.view(1, -1), cache=cache, last_only=True)[:, -1]  # (1, V) prefill
     pos = len(prompt)
     for _ in range(max_new_tokens):
         logits = apply_penalties(logits[0], seen, params).unsqueeze(0)
