@@ -83,8 +83,7 @@ def save_tensors(
     tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (tensors are made contiguous CPU copies)."""
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(cpu, metadata=metadata))
+    atomic_write_bytes(path, tensors_bytes(tensors, metadata))
 
 
 def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

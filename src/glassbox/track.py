@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,6 @@ class MetricsLog:
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif truncate_after_step is None and self.path.exists():
             self.path.unlink()
-        self.t0 = time.perf_counter()
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -86,9 +84,16 @@ def plot_curves(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, png_path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write and close a matplotlib figure (parent directories created)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
     plt.close(fig)
-    return png_path
+    return path

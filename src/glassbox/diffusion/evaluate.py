@@ -30,6 +30,7 @@ from glassbox.diffusion.data import SIZES, ImageSet, load_data, shape_caption
 from glassbox.diffusion.model import load_model
 from glassbox.diffusion.pipeline import DiffusionPipeline, save_png, to_pil
 from glassbox.errors import GlassboxError
+from glassbox.track import save_figure
 
 # ---------------------------------------------------------------------------------------
 # The judge: a small CNN trained on real images
@@ -335,9 +336,7 @@ def _plot(rows: list[dict], guidance: list[float], headline: str, path: Path) ->
     ax.set_title("fidelity vs diversity across guidance scales")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def load_results(out_dir: str | Path) -> dict:

@@ -25,6 +25,7 @@ from glassbox.device import autocast, resolve_device
 from glassbox.diffusion.model import Denoiser, load_model
 from glassbox.diffusion.schedulers import DDIMScheduler, DDPMScheduler, make_sampler
 from glassbox.errors import GlassboxError
+from glassbox.track import save_figure
 
 MAX_GUIDANCE = 50.0
 
@@ -233,9 +234,4 @@ def save_trajectory(samples: Samples, path: str | Path, rows: int = 4, title: st
                     ax.set_ylabel("x_t" if k == 0 else "pred x_0", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
