@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +170,12 @@ def json_bytes(obj: Any) -> bytes:
 # ---------------------------------------------------------------------------------------
 
 
-def optimizer_state_to_tensors(
-    optimizer: torch.optim.Optimizer,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state_dict into flat tensors (safetensors) and JSON-able metadata."""
-    sd = optimizer.state_dict()
+def optimizer_state_to_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into flat tensors (safetensors) and JSON metadata.
+
+    Keys are ``PARAM.NAME`` where PARAM is a parameter id or name (names hold dots; the
+    state names such as ``exp_avg`` do not).
+    """
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, state in sd["state"].items():
@@ -186,13 +189,17 @@ def optimizer_state_to_tensors(
 
 
 def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    """Rebuild an optimizer state_dict from :func:`optimizer_state_to_tensors` output."""
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
+    """Rebuild an optimizer state dict from :func:`optimizer_state_to_tensors` output."""
+    state: dict[Any, dict[str, Any]] = {}
+
+    def key(pid: str) -> Any:
+        return int(pid) if pid.isdigit() else pid
+
+    for name, value in tensors.items():
+        pid, field = name.rsplit(".", 1)
+        state.setdefault(key(pid), {})[field] = value
     for pid, values in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(values)
+        state.setdefault(key(pid), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -210,11 +217,11 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def config_record(model_cfg, stage: str, extra: dict | None = None) -> dict:
+    """config.json of a language-model checkpoint: architecture, stage, version, shape."""
     from glassbox import __version__
 
-    return {"model": model_cfg.to_dict(), "glassbox_version": __version__, "stage": stage} | (
-        extra or {}
-    )
+    head = {"architecture": "transformer", "stage": stage, "glassbox_version": __version__}
+    return head | {"model": model_cfg.to_dict()} | (extra or {})
 
 
 def save_model_dir(out: str | Path, model, tokenizer, stage: str, extra: dict | None = None):
@@ -226,40 +233,95 @@ def save_model_dir(out: str | Path, model, tokenizer, stage: str, extra: dict | 
     save_json(config_record(model.cfg, stage, extra), out / "config.json")
 
 
-def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
-    """Load (model, tokenizer, config record) from a run or snapshot directory."""
-    from glassbox.config import ModelConfig
-    from glassbox.model import Transformer
-    from glassbox.tokenizer import Tokenizer
+# ---------------------------------------------------------------------------------------
+# Stage-aware loading: config.json names the architecture; a registry builds it
+# ---------------------------------------------------------------------------------------
 
+
+@dataclass
+class Loaded:
+    """What :func:`load_checkpoint` returns: the model (eval mode), its tokenizer or text
+    front end (None when it has none), the config.json record and the architecture."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    record: dict
+    architecture: str
+
+
+Loader = Callable[[Path, dict, torch.device], Loaded]
+LOADERS: dict[str, Loader] = {}
+_BUILTIN_LOADERS = ("glassbox.model", "glassbox.diffusion.model")
+
+
+def register_loader(architecture: str) -> Callable[[Loader], Loader]:
+    """Decorator: ``@register_loader("reward")`` makes :func:`load_checkpoint` build
+    checkpoints whose config.json says ``"architecture": "reward"`` with this function."""
+
+    def add(fn: Loader) -> Loader:
+        LOADERS[architecture] = fn
+        return fn
+
+    return add
+
+
+def read_record(path: str | Path) -> dict:
+    """A checkpoint directory's config.json, checked to be one."""
     path = Path(path)
     if not path.is_dir():
         raise GlassboxError(
             f"Checkpoint directory {path} does not exist; pass the --out directory of a "
-            "`glassbox pretrain` run (or an imported model)."
+            "glassbox training run (or an imported model)."
         )
     record = load_json(path / "config.json")
     if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
         raise GlassboxError(f"{path / 'config.json'} has no 'model' section; not a glassbox run.")
-    try:
-        cfg = ModelConfig.from_dict(record["model"])
-    except TypeError as e:
-        raise GlassboxError(f"{path / 'config.json'} has an invalid model config: {e}") from e
-    tokenizer = Tokenizer.load(path / "tokenizer.json")
-    state = load_tensors(path / "model.safetensors", device=device)
-    with torch.device(device):
-        model = Transformer(cfg)
+    return record
+
+
+def architecture_of(record: dict) -> str:
+    """The record's architecture (runs from before the field existed: from the stage)."""
+    if "architecture" in record:
+        return str(record["architecture"])
+    return "denoiser" if record.get("stage") == "diffusion" else "transformer"
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
+    """Load any glassbox checkpoint directory, dispatching on its architecture."""
+    import importlib
+
+    for module in _BUILTIN_LOADERS:  # each registers its loader when imported
+        importlib.import_module(module)
+    path = Path(path)
+    record = read_record(path)
+    arch = architecture_of(record)
+    if arch not in LOADERS:
+        raise GlassboxError(
+            f"{path / 'config.json'} says architecture {arch!r}, which this glassbox cannot "
+            f"load (known: {', '.join(sorted(LOADERS))}); upgrade glassbox or check the path."
+        )
+    return LOADERS[arch](path, record, torch.device(device))
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a language model: (model, tokenizer, config record); clear error otherwise."""
+    loaded = load_checkpoint(path, device)
+    if loaded.architecture != "transformer":
+        raise GlassboxError(
+            f"{path} holds a {loaded.architecture!r} checkpoint "
+            f"(stage {loaded.record.get('stage')!r}), not a language model; point at a "
+            "`glassbox pretrain` run or an imported model."
+        )
+    return loaded.model, loaded.tokenizer, loaded.record
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: torch.device, tied: bool) -> None:
+    """Load ``path`` into ``model`` strictly (a tied LM head may be absent)."""
+    state = load_tensors(path, device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise GlassboxError(
-            f"{path / 'model.safetensors'} does not match config.json: missing "
-            f"{missing[:5]}, unexpected {unexpected[:5]}. The checkpoint is corrupted or "
-            "from another model."
+            f"{path} does not match config.json: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}. The checkpoint is corrupted or from another model."
         )
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise GlassboxError(
-            f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-            f"{cfg.vocab_size}; the two files are from different runs."
-        )
-    return model.eval(), tokenizer, record

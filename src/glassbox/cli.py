@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from glassbox.cli_config import config_command
 from glassbox.diffusion.cli import app as diffuse_app
 from glassbox.errors import GlassboxError
 from glassbox.serve.commands import register as register_serving
@@ -23,64 +24,51 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(diffuse_app, name="diffuse")
 register_serving(app)
 
-_P = PretrainConfig()  # the CLI's defaults are the config's defaults
 DATA_HELP = "Corpus: builtin:stdlib|builtin:python|builtin:pydoc, a file, directory, glob or .jsonl"
 
 
-@app.command()
-def pretrain(
-    out: Annotated[str, typer.Option(help="Run directory to write.")] = _P.out,
-    data: Annotated[list[str] | None, typer.Option(help=DATA_HELP)] = None,
-    text_field: Annotated[str, typer.Option(help="Text field of .jsonl records.")] = _P.text_field,
-    model: Annotated[str, typer.Option(help="Preset: test, tiny, small, gpt2-124m")] = _P.model,
-    context_length: Annotated[int | None, typer.Option(help="Override the context.")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="Existing tokenizer.json.")] = None,
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary of a new tokenizer.")] = _P.vocab_size,
-    batch_size: int = _P.batch_size,
-    grad_accum: int = _P.grad_accum,
-    optimizer: Annotated[str, typer.Option(help="muon or adamw")] = _P.optimizer,
-    lr: float = _P.lr,
-    min_lr_ratio: float = _P.min_lr_ratio,
-    warmup_steps: int = _P.warmup_steps,
-    weight_decay: float = _P.weight_decay,
-    grad_clip: float = _P.grad_clip,
-    max_steps: int = _P.max_steps,
-    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget.")] = None,
-    log_interval: int = _P.log_interval,
-    eval_interval: int = _P.eval_interval,
-    eval_tokens: int = _P.eval_tokens,
-    sample_tokens: int = _P.sample_tokens,
-    checkpoint_interval: int = _P.checkpoint_interval,
-    keep_last: int = _P.keep_last,
-    val_fraction: float = _P.val_fraction,
-    seed: int = _P.seed,
-    compile: Annotated[bool, typer.Option(help="torch.compile the model.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    resume: Annotated[bool, typer.Option(help="Continue from the newest snapshot.")] = False,
-) -> None:
-    """Pretrain a transformer on next-token prediction (default: Python's own sources)."""
-    from glassbox.train.pretrain import pretrain as run
+# --------------------------------------------------------------------------------------
+# Training commands: options generated from each recipe's config dataclass
+# --------------------------------------------------------------------------------------
 
-    cfg = PretrainConfig(
-        out=out, data=data or ["builtin:stdlib"], text_field=text_field, model=model,
-        context_length=context_length, tokenizer=tokenizer, vocab_size=vocab_size,
-        batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, lr=lr,
-        min_lr_ratio=min_lr_ratio,
-        warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip,
-        max_steps=max_steps, max_minutes=max_minutes, log_interval=log_interval,
-        eval_interval=eval_interval, eval_tokens=eval_tokens, sample_tokens=sample_tokens,
-        checkpoint_interval=checkpoint_interval, keep_last=keep_last,
-        val_fraction=val_fraction, seed=seed, compile=compile, device=device, resume=resume,
-    )  # fmt: skip
-    last = run(cfg)
+
+def _pretrain(cfg: PretrainConfig, explicit: set[str]) -> None:
+    from glassbox.train.pretrain import pretrain
+
+    last = pretrain(cfg, explicit)
     if last:
         if last.get("sample"):
             typer.echo(f"sample at step {last['step']}:\n{last['sample']}\n")
         typer.echo(
             f"done: step {last['step']}, val_loss {last.get('val_loss', float('nan')):.4f}, "
-            f"val_bpb {last.get('val_bpb', float('nan')):.4f}; wrote {out}/ "
-            "(model.safetensors, config.json, tokenizer.json, metrics.jsonl, loss.png)"
+            f"val_bpb {last.get('val_bpb', float('nan')):.4f}; wrote {cfg.out}/ "
+            "(model.safetensors, config.json, config.yaml, tokenizer.json, metrics.jsonl, "
+            "loss.png)"
         )
+
+
+def _diffuse_train(cfg, explicit: set[str]) -> None:
+    from glassbox.train.diffusion import train
+
+    run = train(cfg, explicit)
+    typer.echo(f"trained: {run.out} (model.safetensors, loss.png, samples/)")
+
+
+def _register_training_commands() -> None:
+    """pretrain and diffuse train: options generated from their config dataclasses."""
+    from glassbox.train.diffusion import PRESETS, DiffusionTrainConfig
+
+    app.command(
+        "pretrain",
+        help="Pretrain a transformer on next-token prediction (default: Python's own sources).",
+    )(config_command(PretrainConfig, _pretrain))
+    diffuse_app.command(
+        "train",
+        help="Train a diffusion model; writes weights, metrics.jsonl, loss.png and sample grids.",
+    )(config_command(DiffusionTrainConfig, _diffuse_train, presets=PRESETS))
+
+
+_register_training_commands()
 
 
 @app.command()

@@ -15,12 +15,15 @@ different lengths can decode together in one forward pass.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glassbox.checkpoint import Loaded, load_weights, register_loader
 from glassbox.config import ModelConfig
+from glassbox.errors import GlassboxError
 
 
 class KVCache:
@@ -176,9 +179,8 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
-        return n - self.embed.weight.numel() if exclude_embeddings else n
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
     def forward(
         self,
@@ -209,3 +211,24 @@ class Transformer(nn.Module):
         if last_only:  # a prefill needs one row of logits, not T (the LM head is large)
             x = x[:, -1:]
         return self.lm_head(self.norm(x))  # (B, T, V), or (B, 1, V) with last_only
+
+
+@register_loader("transformer")
+def _load_transformer(path: Path, record: dict, device: torch.device) -> Loaded:
+    """A language-model checkpoint: config.json + model.safetensors + tokenizer.json."""
+    from glassbox.tokenizer import Tokenizer
+
+    try:
+        cfg = ModelConfig.from_dict(record["model"])
+    except TypeError as e:
+        raise GlassboxError(f"{path / 'config.json'} has an invalid model config: {e}") from e
+    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    with torch.device(device):
+        model = Transformer(cfg)
+    load_weights(model, path / "model.safetensors", device, cfg.tie_embeddings)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise GlassboxError(
+            f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{cfg.vocab_size}; the two files are from different runs."
+        )
+    return Loaded(model.eval(), tokenizer, record, "transformer")

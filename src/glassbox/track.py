@@ -34,17 +34,21 @@ def progress_bar(transient: bool = False) -> Progress:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``path`` (flushed each write)."""
+    """Appends one JSON object per line to ``path`` (flushed each write).
 
-    def __init__(self, path: str | Path, truncate_after_step: int | None = None):
+    A fresh run appends to whatever is there (the run directory starts empty); a resumed
+    run first drops the rows written after the snapshot it resumes from, and a line torn
+    by a crash mid-write, so the file reads as one clean history.
+    """
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_after_step is not None and self.path.exists():
-            # On resume, drop rows written after the snapshot we resume from.
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif truncate_after_step is None and self.path.exists():
-            self.path.unlink()
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            from glassbox.checkpoint import atomic_write_bytes
+
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -52,11 +56,16 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics file; a torn (unparsable) last line, as a crash leaves, is dropped."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
     rows = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line:
+    for i, line in enumerate(lines):
+        try:
             rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # the write a crash interrupted
+            raise
     return rows
 
 

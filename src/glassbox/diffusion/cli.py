@@ -1,4 +1,8 @@
-"""`glassbox diffuse train | sample | eval`: thin typed wrappers over train/pipeline/evaluate."""
+"""`glassbox diffuse sample | eval`: thin typed wrappers over the pipeline and evaluation.
+
+`glassbox diffuse train` is generated from the recipe's config (glassbox.train.diffusion)
+by glassbox.cli, like every training command.
+"""
 
 from __future__ import annotations
 
@@ -9,45 +13,6 @@ import typer
 from glassbox.errors import GlassboxError
 
 app = typer.Typer(help="Image generation by diffusion.", no_args_is_help=True)
-
-
-@app.command()
-def train(
-    data: str = typer.Option("builtin:shapes", help="builtin:shapes, builtin:digits or a folder"),
-    out: Path = typer.Option(..., help="run directory to create (or resume)"),
-    preset: str = typer.Option("default", help="default (minutes on 2 cores) or tiny (tests)"),
-    steps: int | None = typer.Option(None, help="optimizer steps (default: the preset's)"),
-    max_minutes: float | None = typer.Option(
-        None, help="stop and checkpoint after this many minutes of training (default 15)"
-    ),
-    batch_size: int | None = typer.Option(None, help="images per step"),
-    lr: float | None = typer.Option(None, help="AdamW learning rate"),
-    image_size: int | None = typer.Option(None, help="canvas size in pixels (default 16)"),
-    num_images: int | None = typer.Option(None, help="builtin:shapes training images"),
-    sample_every: int | None = typer.Option(None, help="write a sample grid every N steps"),
-    ckpt_every: int | None = typer.Option(None, help="write a snapshot every N steps"),
-    seed: int = typer.Option(0, help="seed for initialisation, batches and noise"),
-    resume: bool = typer.Option(False, help="continue from the latest snapshot in --out"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda"),
-) -> None:
-    """Train a diffusion model; writes weights, metrics.jsonl, loss.png and sample grids."""
-    from glassbox.diffusion import train as tr
-
-    cfg = tr.preset(
-        preset,
-        data,
-        steps=steps,
-        max_minutes=max_minutes,
-        batch_size=batch_size,
-        lr=lr,
-        image_size=image_size,
-        num_images=num_images,
-        sample_every=sample_every,
-        ckpt_every=ckpt_every,
-        seed=seed,
-    )
-    run = tr.train(cfg, out, resume=resume, device=device)
-    typer.echo(f"trained: {run} (model.safetensors, loss.png, samples/)")
 
 
 @app.command()

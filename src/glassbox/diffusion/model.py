@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glassbox.checkpoint import load_json, load_tensors
+from glassbox.checkpoint import Loaded, load_checkpoint, load_weights, register_loader
 from glassbox.diffusion.schedulers import SchedulerConfig
 from glassbox.diffusion.text import TextEncoder, Vocabulary
 from glassbox.diffusion.unet import UNet, UNetConfig
@@ -55,10 +55,6 @@ class DiffusionConfig:
             class_names=d.get("class_names"),
             data=d.get("data", ""),
         )
-
-    @property
-    def conditioning(self) -> str:
-        return "text" if self.text is not None else "class"
 
 
 class Denoiser(nn.Module):
@@ -114,19 +110,19 @@ def load_model(run_dir: str | Path, device: torch.device | str = "cpu") -> Denoi
             f"Run directory {run_dir} does not exist; train one first with "
             f"`glassbox diffuse train --out {run_dir}`."
         )
-    raw = load_json(run_dir / "config.json")
-    if raw.get("stage") != "diffusion":
+    loaded = load_checkpoint(run_dir, device)
+    if loaded.architecture != "denoiser":
         raise GlassboxError(
-            f"{run_dir} holds a {raw.get('stage', 'unknown')!r} checkpoint, not a diffusion "
-            "model; point at a directory made by `glassbox diffuse train`."
+            f"{run_dir} holds a {loaded.record.get('stage', 'unknown')!r} checkpoint, not a "
+            "diffusion model; point at a directory made by `glassbox diffuse train`."
         )
-    config = DiffusionConfig.from_dict(raw["model"])
+    return loaded.model
+
+
+@register_loader("denoiser")
+def _load_denoiser(path: Path, record: dict, device: torch.device) -> Loaded:
+    """A diffusion checkpoint: config.json (DiffusionConfig) + model.safetensors (EMA)."""
+    config = DiffusionConfig.from_dict(record["model"])
     model = Denoiser(config)
-    weights = load_tensors(run_dir / "model.safetensors")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise GlassboxError(
-            f"{run_dir / 'model.safetensors'} does not match config.json (missing "
-            f"{missing[:3]}, unexpected {unexpected[:3]}); the checkpoint is inconsistent."
-        )
-    return model.to(device).eval()
+    load_weights(model, path / "model.safetensors", torch.device("cpu"), tied=False)
+    return Loaded(model.to(device).eval(), model.vocab, record, "denoiser")
