@@ -12,7 +12,6 @@ import torch
 from glassbox.config import ModelConfig
 from glassbox.errors import ContextLengthError, GlassboxError
 from glassbox.infer.engine import AsyncEngine, Engine, GenerationRequest, QueueFullError
-from glassbox.infer.generate import generate_ids
 from glassbox.infer.sampling import SamplingParams
 from glassbox.model import Transformer
 from glassbox.tokenizer import Tokenizer
@@ -38,11 +37,20 @@ def prompts(tok) -> list[list[int]]:
     return [[tok.eot_id, *tok.encode(t)] for t in texts]
 
 
-def test_greedy_matches_generate_ids(model, tok):
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by full forward passes, no cache: the ground truth."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def test_greedy_matches_full_forward_argmax(model, tok):
     eng = Engine(model, tok, max_seqs=2)
     for p in prompts(tok):
         out = eng.run([GenerationRequest(p, GREEDY, max_tokens=20)])[0][0]
-        assert out == list(generate_ids(model, p, 20, GREEDY))
+        assert out == greedy_reference(model, p, 20)
         assert len(set(out)) > 3  # the model is not degenerate, so the test can fail
 
 
@@ -117,13 +125,32 @@ def test_context_rules(model, tok):
     assert len(out) == 5
 
 
+def test_cache_max_len_is_enforced_before_prefill(model, tok):
+    eng = Engine(model, tok, max_seqs=2, max_len=16)
+    with pytest.raises(GlassboxError, match="max_len=16"):
+        eng.prepare(GenerationRequest([tok.eot_id] * 10, GREEDY, max_tokens=10))
+    assert eng.prepare(GenerationRequest([tok.eot_id] * 10, GREEDY)).max_tokens == 6
+    with pytest.raises(GlassboxError, match="max_len=1000"):
+        Engine(model, tok, max_len=1000)  # longer than the model's context
+
+
+def test_no_http_limits_in_the_engine(model, tok):
+    """n, top logprobs and stop strings are bounded by the server, not the engine."""
+    eng = Engine(model, tok, max_seqs=32)
+    req = GenerationRequest(prompts(tok)[0], GREEDY, 2, n=32, logprobs=50, stop=["x"] * 20)
+    events = [ev for ev in eng.generate(req) if ev.token is not None]
+    assert len(events) >= 32 and all(len(ev.top_logprobs) == 50 for ev in events)
+
+
 @pytest.mark.parametrize(
     "kwargs, name",
     [
         (dict(params=SamplingParams(temperature=-1)), "temperature"),
         (dict(params=SamplingParams(top_p=1.5)), "top_p"),
         (dict(n=0), "n"),
-        (dict(logprobs=21), "top_logprobs"),
+        (dict(n=17), "n"),  # more choices than the engine's 16 slots
+        (dict(logprobs=-1), "top_logprobs"),
+        (dict(stop_token_ids=frozenset({10**6})), "stop token id"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(truncate_prompt_tokens=0), "truncate_prompt_tokens"),
     ],

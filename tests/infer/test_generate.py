@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from glassbox.errors import ContextLengthError, GlassboxError
-from glassbox.infer.generate import StopStrings, fit_context, generate_ids, generate_text
+from glassbox.infer.generate import StopStrings, fit_context, generate_text
 from glassbox.infer.sampling import SamplingParams
 
 
@@ -22,14 +22,35 @@ def test_fit_context_rules():
         fit_context(0, 5, 64)
 
 
-def test_greedy_matches_argmax_of_full_forward(tiny_model):
+def test_greedy_matches_argmax_of_full_forward(tiny_model, tokenizer):
     prompt = [1, 50, 60, 70]
-    out = list(generate_ids(tiny_model, prompt, 12, SamplingParams(temperature=0)))
+    out = generate_text(tiny_model, tokenizer, prompt, 12, SamplingParams(temperature=0))
     seq = list(prompt)
     with torch.no_grad():
         for _ in range(12):
             seq.append(int(tiny_model(torch.tensor([seq]))[0, -1].argmax()))
-    assert out == seq[len(prompt) :]
+    ref = seq[len(prompt) :]
+    stops = {tokenizer.eot_id, tokenizer.end_id}
+    if out.finish_reason == "stop":  # ended at a stop token: the reference picked it too
+        assert ref[len(out.token_ids)] in stops
+    assert out.token_ids == ref[: len(out.token_ids)] and len(out.token_ids) >= 6
+    assert out.text == tokenizer.decode(out.token_ids)
+
+
+def test_stop_tokens_come_from_the_tokenizer(tiny_model, tokenizer):
+    """A tokenizer's declared stop_ids end generation (not hard-coded ids)."""
+    greedy = SamplingParams(temperature=0)
+    first = generate_text(tiny_model, tokenizer, [1, 50, 60, 70], 5, greedy).token_ids[0]
+
+    class WithStops:  # the real tokenizer, plus the attribute the chat format adds
+        def __init__(self, tok, stop_ids):
+            self._tok, self.stop_ids = tok, stop_ids
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+    out = generate_text(tiny_model, WithStops(tokenizer, {first}), [1, 50, 60, 70], 5, greedy)
+    assert out.token_ids == [] and out.finish_reason == "stop"
 
 
 def test_same_seed_same_output_other_seed_differs(tiny_model, tokenizer):

@@ -79,10 +79,7 @@ class ChatSession:
         dropped = self.fit()
         prompt = self.tok.encode_chat(self.messages)
         max_new = min(self.max_tokens, self.context - len(prompt))
-        req = GenerationRequest(
-            prompt, self.params, max_new,
-            stop_token_ids=frozenset({self.tok.end_id, self.tok.eot_id}),
-        )  # fmt: skip
+        req = GenerationRequest(prompt, self.params, max_new, stop_token_ids=self.engine.stop_ids)
         pieces, finish = [], "length"
         for ev in self.engine.generate(req):
             if ev.text:
