@@ -173,6 +173,47 @@ def foreign_tokenizer(text: str):
     )
 
 
+# Two more template styles found on the Hub: end-of-turn = eos (TinyLlama/Zephyr), and
+# Llama 3's header tokens with trimmed content.
+ZEPHYR = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+    "{% endfor %}"
+)
+LLAMA3 = (
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, end", [(CHATML, "<|im_end|>"), (ZEPHYR, "</s>"), (LLAMA3, "<|eot_id|>")]
+)
+def test_foreign_templates_render_like_transformers(tmp_path, small_text, template, end):
+    hf_tok = foreign_tokenizer(small_text)
+    extra = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    hf_tok.add_special_tokens({"additional_special_tokens": extra})
+    hf_tok.chat_template = template
+    hf_tok.save_pretrained(tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok = Tokenizer.load(tmp_path)
+    assert tok.end_id == tok.token_to_id(end) and tok.end_id in tok.stop_ids
+    for n in range(1, len(CHAT) + 1):
+        assert encode_prompt(tok, CHAT[:n]) == hf_ids(hf_tok, CHAT[:n], True)
+        assert encode_conversation(tok, CHAT[:n]).ids == hf_ids(hf_tok, CHAT[:n], False)
+    ids, mask = encode_conversation(tok, CHAT)
+    replies = [m["content"] + end for m in CHAT if m["role"] == "assistant"]
+    assert masked_runs(tok, ids, mask) == replies
+
+
 @pytest.fixture
 def foreign_dir(tmp_path, small_text):
     hf_tok = foreign_tokenizer(small_text)
