@@ -24,6 +24,9 @@ TEXTS = [
     "The quick brown fox jumps over the lazy dog 0123456789.\n" * 20,
 ]
 API_KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# Special tokens (ids 0-5, the end ids among them) never drawn: generations run to max_tokens.
+NO_STOP = {str(i): -100 for i in range(6)}
 
 
 def make_checkpoint(out: Path, context_length: int = 128, seed: int = 0) -> Path:
@@ -65,10 +68,12 @@ class LiveServer:
         self.thread.join(timeout=15)
 
 
-def start_server(app) -> LiveServer:
+def start_server(app, root_path: str = "") -> LiveServer:
     """Run ``app`` under uvicorn on 127.0.0.1 in a background thread."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", root_path=root_path
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -78,6 +83,28 @@ def start_server(app) -> LiveServer:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.02)
     return LiveServer(f"http://127.0.0.1:{port}", app, server, thread)
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    """Poll ``cond`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(scope="session")
+def wait_until():
+    """The ``wait_for`` poller, for test modules (conftest is not importable by name)."""
+    return wait_for
+
+
+@pytest.fixture(scope="session")
+def no_stop() -> dict[str, float]:
+    """logit_bias that keeps the end tokens from being drawn: runs go to max_tokens."""
+    return dict(NO_STOP)
 
 
 def build_app(ckpt: Path, **kwargs):
@@ -106,8 +133,8 @@ def make_server(tiny_ckpt):
     """Factory: start a server on the tiny checkpoint with options; stopped at teardown."""
     started: list[LiveServer] = []
 
-    def make(**kwargs) -> LiveServer:
-        srv = start_server(build_app(tiny_ckpt, **kwargs))
+    def make(root_path: str = "", **kwargs) -> LiveServer:
+        srv = start_server(build_app(tiny_ckpt, **kwargs), root_path)
         started.append(srv)
         return srv
 

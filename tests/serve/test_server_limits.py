@@ -57,25 +57,39 @@ def test_full_queue_answers_429(make_server):
     client.completions.create(model="tiny", prompt="hello", max_tokens=2)  # room again
 
 
-def test_client_disconnect_cancels_generation(make_server):
-    srv = make_server()
+def test_client_disconnect_frees_slots_and_stops_decoding(make_server, no_stop):
+    srv = make_server(max_seqs=4)
     slow_down(srv, 0.02)
     ae = srv.app.state.models["tiny"].engine
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 100, "stream": True}
+    eng = ae.engine
+    # Seeded, stop tokens suppressed, 4 x 100 tokens: without cancellation the engine
+    # would run ~100 more steps after the client leaves.
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 100, "n": 4, "seed": 3,
+            "logit_bias": no_stop, "stream": True}  # fmt: skip
     with httpx.stream("POST", srv.base_url + "/completions", json=body, timeout=30) as r:
-        next(r.iter_lines())  # the first token arrived
-        assert ae.num_running == 1
-    assert wait_for(lambda: ae.num_running == 0, timeout=2.0)  # far less than 100 steps
-    assert ae.engine.tokens_generated < 100
+        lines = r.iter_lines()
+        next(lines)  # the first token arrived
+        assert ae.num_running == 4 and len(eng.free_slots) == 0
+    assert wait_for(lambda: ae.num_running == 0 and len(eng.free_slots) == 4, timeout=5.0)
+    done = eng.tokens_generated
+    time.sleep(0.3)  # ~15 steps' time: nothing more is decoded for the gone client
+    assert eng.tokens_generated == done < 4 * 100
+    assert not eng.waiting and ae.queue_depth == 0
 
     def blocking():  # a non-streaming request whose client gives up
         try:
-            httpx.post(srv.base_url + "/completions", json={**body, "stream": False}, timeout=0.3)
+            httpx.post(srv.base_url + "/completions", json={**body, "stream": False}, timeout=0.5)
         except httpx.TimeoutException:
             pass
 
+    before = eng.tokens_generated
     blocking()
-    assert wait_for(lambda: ae.num_running == 0, timeout=2.0)
+    assert wait_for(lambda: ae.num_running == 0 and len(eng.free_slots) == 4, timeout=5.0)
+    after = eng.tokens_generated
+    time.sleep(0.3)
+    assert eng.tokens_generated == after < before + 4 * 100
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert 'status="disconnected"} 2.0' in metrics and 'status="ok"}' not in metrics
 
 
 def test_cors_only_for_listed_origins(make_server):

@@ -7,8 +7,8 @@ bitmask. The engine turns that bitmask into -inf logits before sampling and feed
 chosen token back to the matcher.
 
     spec (json_object | json_schema | regex | choice)
-      --GrammarCompiler.compile--> Grammar (validated, cached)
-      --Grammar.matcher()--> TokenMatcher (one per sequence: mask, accept, done)
+      --GrammarCompiler.compile--> Grammar (compiled once under explicit limits, cached)
+      --Grammar.matcher()--> TokenMatcher (a deep copy per sequence: mask, accept, done)
 """
 
 from __future__ import annotations
@@ -94,57 +94,82 @@ class TokenMatcher:
         """The grammar is complete and admits no more tokens (except end-of-sequence)."""
         return self._m.is_stopped()
 
-    @property
-    def accepting(self) -> bool:
-        return self._m.is_accepting()
 
-    @property
-    def error(self) -> str:
-        return self._m.get_error()
+# Explicit parser limits instead of llguidance's defaults, so that one hostile grammar
+# costs bounded time and memory on the engine thread. The fuel figures are llguidance's
+# own speed estimates: ~50k initial fuel per ms, ~14k step fuel per ms.
+PARSER_LIMITS = dict(
+    max_items_in_row=2_000,  # branching of one production row
+    initial_lexer_fuel=1_000_000,  # ~20 ms to build the lexer's regex ASTs
+    step_lexer_fuel=200_000,  # ~15 ms of lexer work per token mask, at most
+    step_max_items=50_000,  # Earley items per mask step
+    max_lexer_states=50_000,  # ~100 MB of lexer states (the default allows 250k)
+    max_grammar_size=200_000,  # symbols in the grammar's productions
+    verbose_errors=False,  # errors reach HTTP clients: no parser internals
+)
 
 
 @dataclass(frozen=True)
 class Grammar:
-    """A grammar compiled for one tokenizer; makes fresh matchers for new sequences."""
+    """A grammar compiled for one tokenizer; hands out fresh matchers for new sequences.
+
+    The grammar is compiled once, into ``_prototype`` (a matcher that never consumes a
+    token); :meth:`matcher` deep-copies it, which costs microseconds instead of a
+    recompile per sequence on the engine thread.
+    """
 
     text: str  # llguidance's grammar (JSON)
     constraint: Constraint
-    _tokenizer: llg.LLTokenizer
+    _prototype: llg.LLMatcher
     vocab_size: int
 
     def matcher(self) -> TokenMatcher:
-        m = llg.LLMatcher(self._tokenizer, self.text, log_level=0)
-        if m.is_error():
-            raise GlassboxError(
-                f"Cannot use the {self.constraint.kind} constraint: {m.get_error()}"
-            )
-        return TokenMatcher(m, self.vocab_size)
+        """A matcher at the start of the grammar, for one new sequence."""
+        return TokenMatcher(self._prototype.deep_copy(), self.vocab_size)
 
 
 class GrammarCompiler:
-    """Compiles constraints against one tokenizer. Thread-safe; results are cached."""
+    """Compiles constraints against one tokenizer. Thread-safe; results are cached.
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: list[int]):
+    Compilation can take long for a large schema; callers on an event loop should run
+    :meth:`compile` in a worker thread (the server does, with a time limit).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        eos_ids: list[int],
+        limits: dict[str, Any] | None = None,
+    ):
         self.vocab_size = vocab_size
         # llguidance reads our tokenizer.json directly (the same BPE the model uses);
         # its vocabulary is padded to the model's so masks line up with the logits.
         self.ll_tokenizer = llg.LLTokenizer(
             tokenizer.to_json(), n_vocab=vocab_size, eos_token=eos_ids
         )
+        self.limits = llg.LLParserLimits(**(PARSER_LIMITS if limits is None else limits))
         self._compile = lru_cache(maxsize=256)(self._compile_key)
 
     def compile(self, constraint: Constraint) -> Grammar:
         """Validate and compile ``constraint``; a bad schema/regex raises GlassboxError."""
-        return self._compile(constraint.key())
+        try:
+            key = constraint.key()
+        except (RecursionError, TypeError, ValueError) as e:
+            raise GlassboxError(
+                f"The {constraint.kind} constraint cannot be read ({type(e).__name__}); "
+                "send plain JSON nested at most a few dozen levels deep."
+            ) from None
+        return self._compile(key)
 
     def _compile_key(self, key: str) -> Grammar:
         kind, value = json.loads(key)
         constraint = Constraint(kind, value)
         text = grammar_text(constraint)
-        is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(text, self.ll_tokenizer)
-        if is_error:
-            raise GlassboxError(f"Invalid {kind} constraint: {messages[0]}")
-        return Grammar(text, constraint, self.ll_tokenizer, self.vocab_size)
+        prototype = llg.LLMatcher(self.ll_tokenizer, text, log_level=0, limits=self.limits)
+        if prototype.is_error():
+            raise GlassboxError(f"Invalid {kind} constraint: {prototype.get_error()}")
+        return Grammar(text, constraint, prototype, self.vocab_size)
 
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes one token stands for (special tokens: their marker text)."""
@@ -163,6 +188,8 @@ def grammar_text(constraint: Constraint) -> str:
             return llg.LLMatcher.grammar_from_json_schema(value, defaults=_JSON_OPTIONS)
         except ValueError as e:
             raise GlassboxError(f"Invalid json_schema: {e}") from e
+        except RecursionError:
+            raise GlassboxError("json_schema is nested too deeply; flatten it.") from None
     if kind == "regex":
         if not isinstance(value, str) or not value:
             raise GlassboxError("regex must be a non-empty string.")

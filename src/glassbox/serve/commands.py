@@ -14,26 +14,111 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
-        str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/*.")
+        str | None,
+        typer.Option(
+            envvar="GLASSBOX_API_KEY",
+            help="Require 'Authorization: Bearer KEY' on every path but /health and /docs. "
+            "Prefer the GLASSBOX_API_KEY variable: a flag is visible in `ps`.",
+        ),
     ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Host name clients may address besides localhost (repeatable; "
+            "'*' = any). Checked always without a key, with a key only if given."
+        ),
+    ] = None,  # fmt: skip
+    allow_unauthenticated: Annotated[
+        bool, typer.Option(help="Allow a non-loopback --host without an API key.")
+    ] = False,
+    root_path: Annotated[str, typer.Option(help="Path prefix set by a reverse proxy.")] = "",
     max_seqs: Annotated[int, typer.Option(help="Sequences decoded together (KV slots).")] = 16,
     max_queue: Annotated[int, typer.Option(help="Waiting requests before 429.")] = 64,
-    max_body_bytes: Annotated[int, typer.Option(help="Largest request body.")] = 1 << 20,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413).")] = 1 << 20,
     cors_origin: Annotated[
         list[str] | None, typer.Option(help="Allowed CORS origin (repeatable); off if none.")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    max_n: Annotated[int, typer.Option(help="Largest n (choices per prompt).")] = 16,
+    max_prompts: Annotated[int, typer.Option(help="Prompts in one /v1/completions.")] = 16,
+    max_sequences: Annotated[int, typer.Option(help="Prompts x n in one request.")] = 64,
+    max_logprobs: Annotated[int, typer.Option(help="Largest completions logprobs.")] = 5,
+    max_top_logprobs: Annotated[int, typer.Option(help="Largest chat top_logprobs.")] = 20,
+    max_messages: Annotated[int, typer.Option(help="Chat messages per request.")] = 1024,
+    max_prompt_chars: Annotated[
+        int, typer.Option(help="Prompt characters per request, before tokenizing.")
+    ] = 200_000,
+    max_logit_bias: Annotated[int, typer.Option(help="logit_bias entries.")] = 300,
+    max_stop: Annotated[int, typer.Option(help="Stop strings per request.")] = 8,
+    max_stop_chars: Annotated[int, typer.Option(help="Characters in one stop string.")] = 256,
+    max_schema_bytes: Annotated[
+        int, typer.Option(help="Size of a JSON schema/regex/choice list, as JSON.")
+    ] = 32_768,
+    max_schema_depth: Annotated[int, typer.Option(help="Nesting of a JSON schema.")] = 64,
+    grammar_timeout: Annotated[float, typer.Option(help="Seconds to compile a grammar.")] = 10.0,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds per request, arrival to last token (0 = none).")
+    ] = 600.0,
+    max_queue_wait: Annotated[
+        float, typer.Option(help="Seconds a request may wait for its first token (0 = none).")
+    ] = 120.0,
+    drain_timeout: Annotated[
+        float, typer.Option(help="On SIGTERM, seconds to let running requests finish.")
+    ] = 30.0,
 ) -> None:
     """Serve checkpoints over an OpenAI-compatible HTTP API (/v1/chat/completions ...)."""
+    import logging
+
     import uvicorn
 
+    from glassbox.errors import GlassboxError
     from glassbox.serve.app import create_app, load_served_models
+    from glassbox.serve.limits import ServeLimits
 
+    if api_key is None and not is_loopback(host) and not allow_unauthenticated:
+        raise GlassboxError(
+            f"--host {host} is reachable from other machines, and no API key is set. Set "
+            "GLASSBOX_API_KEY (or --api-key), or pass --allow-unauthenticated if a proxy in "
+            "front of the server does authentication."
+        )
+    try:
+        limits = ServeLimits(
+            max_n=max_n, max_prompts=max_prompts, max_sequences=max_sequences,
+            max_logprobs=max_logprobs, max_top_logprobs=max_top_logprobs,
+            max_messages=max_messages, max_prompt_chars=max_prompt_chars,
+            max_logit_bias=max_logit_bias, max_stop=max_stop, max_stop_chars=max_stop_chars,
+            max_schema_bytes=max_schema_bytes, max_schema_depth=max_schema_depth,
+            grammar_timeout=grammar_timeout, request_timeout=request_timeout or None,
+            max_queue_wait=max_queue_wait or None,
+        )  # fmt: skip
+    except ValueError as e:
+        raise GlassboxError(f"Invalid limit: {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     models = load_served_models(checkpoints, device, max_seqs, max_queue)
-    app = create_app(models, api_key, cors_origin, max_body_bytes)
+    app = create_app(models, api_key, cors_origin, max_body_bytes, limits, allowed_host)
     names = ", ".join(models)
-    typer.echo(f"serving {names} at http://{host}:{port}/v1 (docs: http://{host}:{port}/docs)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    if api_key is None and not is_loopback(host):
+        typer.echo(f"WARNING: serving on {host} WITHOUT an API key.", err=True)
+    typer.echo(f"serving {names} at http://{host}:{port}{root_path}/v1 "
+               f"(docs: http://{host}:{port}{root_path}/docs)")  # fmt: skip
+    # uvicorn stops accepting on SIGTERM/SIGINT, lets running requests finish for up to
+    # drain_timeout seconds, then cancels them (their engine sequences are aborted).
+    uvicorn.run(
+        app, host=host, port=port, log_level="warning", root_path=root_path,
+        timeout_graceful_shutdown=drain_timeout,
+    )  # fmt: skip
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def chat(

@@ -1,7 +1,9 @@
 """OpenAI-compatible request bodies and the translation into engine requests.
 
-Pydantic checks types here; ranges are checked once, by ``SamplingParams.validate`` and
-``Engine.prepare``, so the messages name the parameter and its valid range everywhere.
+Pydantic checks types here; the value checks raise :class:`APIError` with the
+parameter's name at the point where it is known (sampling ranges come from
+``SamplingParams.validate``, checked one field at a time so the field is named; the
+server's caps from serve/limits.py).
 Parameters beyond OpenAI's follow vLLM's names: top_k, min_p, repetition_penalty,
 truncate_prompt_tokens, guided_json, guided_regex, guided_choice.
 """
@@ -17,6 +19,20 @@ from glassbox.errors import GlassboxError
 from glassbox.infer.engine import GenerationRequest
 from glassbox.infer.sampling import SamplingParams
 from glassbox.infer.structured import Constraint
+from glassbox.serve.errors import bad_request
+from glassbox.serve.limits import (
+    ServeLimits,
+    check_constraint_size,
+    check_count,
+    check_range,
+    check_stop,
+)
+
+# Sampling fields whose ranges SamplingParams.validate knows, by their HTTP names.
+_RANGED = (
+    "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+    "frequency_penalty",
+)  # fmt: skip
 
 
 class StreamOptions(BaseModel):
@@ -57,22 +73,30 @@ class _SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, vocab_size: int) -> SamplingParams:
+        """Validated sampling parameters; a bad value is a 400 naming its field."""
+        for name in _RANGED:
+            _validate_field(name, SamplingParams(**{name: getattr(self, name)}), vocab_size)
+        top_k = 0 if self.top_k == -1 else self.top_k
+        _validate_field("top_k", SamplingParams(top_k=top_k), vocab_size)
         bias: dict[int, float] = {}
         for k, v in (self.logit_bias or {}).items():
             try:
                 bias[int(k)] = float(v)
             except ValueError:
-                raise GlassboxError(
-                    f"logit_bias key {k!r} is not a token id; use integer token ids."
+                raise bad_request(
+                    f"logit_bias key {k!r} is not a token id; use integer token ids.",
+                    "logit_bias",
                 ) from None
+        _validate_field("logit_bias", SamplingParams(logit_bias=bias), vocab_size)
         if self.seed is not None and not 0 <= self.seed < 2**63 - 64:
-            raise GlassboxError(f"seed={self.seed} is out of range; use a value in [0, 2**63).")
+            raise bad_request(
+                f"seed={self.seed} is out of range; use a value in [0, 2**63).", "seed"
+            )
         return SamplingParams(
-            temperature=self.temperature, top_k=0 if self.top_k == -1 else self.top_k,
-            top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias=bias, seed=self.seed,
+            temperature=self.temperature, top_k=top_k, top_p=self.top_p, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, logit_bias=bias, seed=self.seed,
         )  # fmt: skip
 
     def stop_list(self) -> list[str]:
@@ -80,54 +104,93 @@ class _SamplingFields(BaseModel):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
-    def constraint(self) -> Constraint | None:
-        """The structured-output constraint, if any (at most one may be given)."""
-        found: list[Constraint] = []
+    def check_limits(self, limits: ServeLimits, prompts: int) -> None:
+        """The server's caps on work per request (``prompts``: how many prompts)."""
+        check_range("n", self.n, 1, limits.max_n, "max_n")
+        if prompts * self.n > limits.max_sequences:
+            raise bad_request(
+                f"n={self.n} for {prompts} prompts makes {prompts * self.n} sequences; this "
+                f"server allows at most {limits.max_sequences} per request (the operator "
+                "sets it with --max-sequences). Lower n or send fewer prompts.",
+                "n",
+            )
+        check_count("logit_bias", self.logit_bias, "entries", limits.max_logit_bias,
+                    "max_logit_bias")  # fmt: skip
+        check_stop(self.stop_list(), limits)
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad_request(f"max_tokens={self.max_tokens} must be >= 1.", "max_tokens")
+        t = self.truncate_prompt_tokens
+        if t is not None and t < 1:
+            raise bad_request(f"truncate_prompt_tokens={t} must be >= 1.", "truncate_prompt_tokens")
+
+    def constraint(self, limits: ServeLimits) -> tuple[str, Constraint] | None:
+        """The structured-output constraint and the parameter that gave it, if any (at
+        most one may be given); its size is checked against the server's caps."""
+        found: list[tuple[str, Constraint]] = []
         rf = self.response_format
         if rf is not None and rf.type == "json_object":
-            found.append(Constraint("json_object"))
+            found.append(("response_format", Constraint("json_object")))
         elif rf is not None and rf.type == "json_schema":
             spec = rf.json_schema or {}
             schema = spec.get("schema")
             if not isinstance(schema, dict):
-                raise GlassboxError(
-                    "response_format.json_schema.schema must be a JSON Schema object."
+                raise bad_request(
+                    "response_format.json_schema.schema must be a JSON Schema object.",
+                    "response_format",
                 )
-            found.append(Constraint("json_schema", schema))
+            found.append(("response_format", Constraint("json_schema", schema)))
         if self.guided_json is not None:
             schema = self.guided_json
             if isinstance(schema, str):
                 try:
                     schema = json.loads(schema)
-                except json.JSONDecodeError as e:
-                    raise GlassboxError(f"guided_json is not valid JSON: {e}") from e
-            found.append(Constraint("json_schema", schema))
+                except (json.JSONDecodeError, RecursionError) as e:
+                    raise bad_request(f"guided_json is not valid JSON: {e}", "guided_json") from e
+            found.append(("guided_json", Constraint("json_schema", schema)))
         if self.guided_regex is not None:
-            found.append(Constraint("regex", self.guided_regex))
+            found.append(("guided_regex", Constraint("regex", self.guided_regex)))
         if self.guided_choice is not None:
-            found.append(Constraint("choice", list(self.guided_choice)))
+            found.append(("guided_choice", Constraint("choice", list(self.guided_choice))))
         if len(found) > 1:
-            raise GlassboxError(
+            raise bad_request(
                 "Give at most one of response_format (json), guided_json, guided_regex, "
-                "guided_choice."
+                "guided_choice.",
+                found[1][0],
             )
-        return found[0] if found else None
+        if not found:
+            return None
+        param, c = found[0]
+        check_constraint_size(param, c.value, limits)
+        return param, c
 
     def engine_request(
-        self, prompt: list[int], stop_ids: frozenset[int], logprobs: int | None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        stop_ids: frozenset[int],
+        logprobs: int | None,
     ) -> GenerationRequest:
         return GenerationRequest(
-            prompt=prompt, params=self.sampling_params(), max_tokens=self.max_tokens, n=self.n,
+            prompt=prompt, params=params, max_tokens=self.max_tokens, n=self.n,
             stop=self.stop_list(), stop_token_ids=stop_ids, logprobs=logprobs,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
         )  # fmt: skip
+
+
+def _validate_field(name: str, params: SamplingParams, vocab_size: int) -> None:
+    try:
+        params.validate(vocab_size)
+    except GlassboxError as e:
+        raise bad_request(str(e), name) from None
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="Text, a list of texts, token ids, or lists of token ids."
     )
-    logprobs: int | None = Field(None, description="Also return the top-N alternatives (0-20).")
+    logprobs: int | None = Field(
+        None, description="Also return the top-N alternatives (0-5; --max-logprobs)."
+    )
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -152,8 +215,9 @@ class ChatMessage(BaseModel):
             return self.content
         for part in self.content:
             if part.type != "text":
-                raise GlassboxError(
-                    f"Message content of type {part.type!r} is not supported; send text."
+                raise bad_request(
+                    f"Message content of type {part.type!r} is not supported; send text.",
+                    "messages",
                 )
         return "".join(p.text for p in self.content)
 
@@ -165,9 +229,11 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self, limits: ServeLimits) -> list[dict[str, str]]:
+        """The messages for the chat template, within the server's caps."""
         if not self.messages:
-            raise GlassboxError("messages is empty; send at least one message.")
+            raise bad_request("messages is empty; send at least one message.", "messages")
+        check_count("messages", self.messages, "messages", limits.max_messages, "max_messages")
         # "developer" is OpenAI's newer name for the system role.
         return [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text()}

@@ -1,0 +1,41 @@
+"""POST /v1/chat/completions: messages through the chat template, one reply (n choices)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from glassbox.serve.errors import bad_request
+from glassbox.serve.generation import BIG_PROMPT_CHARS, generate, off_loop
+from glassbox.serve.limits import check_range, over
+from glassbox.serve.protocol import ChatCompletionRequest
+from glassbox.serve.state import get_state
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    """OpenAI's chat completions API (text content; no tools)."""
+    state = get_state(request)
+    sm = state.model(body.model)
+    limits = state.limits
+    with state.counting_rejections(sm):
+        if body.tools:
+            raise bad_request("tools (function calling) are not supported.", "tools")
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true.", "top_logprobs")
+        if body.top_logprobs is not None:
+            check_range("top_logprobs", body.top_logprobs, 0, limits.max_top_logprobs,
+                        "max_top_logprobs")  # fmt: skip
+        messages = body.chat_messages(limits)
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > limits.max_prompt_chars:
+            raise over("messages", "characters of content", chars, limits.max_prompt_chars,
+                       "max_prompt_chars")  # fmt: skip
+        body.check_limits(limits, 1)
+        prompt = await off_loop(sm.tokenizer.encode_chat, messages, heavy=chars > BIG_PROMPT_CHARS)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return await generate(request, state, sm, body, [prompt], logprobs, True, "messages")

@@ -1,0 +1,113 @@
+"""Served models: a checkpoint's engine, tokenizer and grammar compiler under one name.
+
+``glassbox serve runs/base sft=runs/sft`` -> {"base": ServedModel, "sft": ServedModel}.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glassbox.errors import GlassboxError
+from glassbox.infer.engine import AsyncEngine, Engine
+from glassbox.infer.structured import GrammarCompiler
+from glassbox.tokenizer import Tokenizer
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class ServedModel:
+    """One checkpoint being served under ``name``."""
+
+    name: str
+    engine: AsyncEngine
+    tokenizer: Tokenizer
+    compiler: GrammarCompiler
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.engine.context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.engine.vocab_size
+
+    @property
+    def max_seqs(self) -> int:
+        return self.engine.engine.max_seqs
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset({self.tokenizer.eot_id, self.tokenizer.end_id})
+
+    @classmethod
+    def from_engine(cls, name: str, engine: Engine, max_queue: int = 64) -> ServedModel:
+        """Wrap an engine (it must have a tokenizer) for serving."""
+        tok = engine.tokenizer
+        if tok is None:
+            raise GlassboxError("A served engine needs a tokenizer.")
+        compiler = GrammarCompiler(tok, engine.vocab_size, [tok.end_id, tok.eot_id])
+        return cls(name, AsyncEngine(engine, max_queue), tok, compiler)
+
+
+def engine_alive(engine: AsyncEngine) -> bool:
+    """Whether the engine's thread is running (False before start and after a crash)."""
+    alive = getattr(engine, "alive", None)
+    if callable(alive):
+        alive = alive()
+    if alive is not None:
+        return bool(alive)
+    thread = getattr(engine, "_thread", None)  # engines without `alive` yet
+    return thread is not None and thread.is_alive()
+
+
+def engine_counters(engine: AsyncEngine) -> dict[str, int]:
+    """free_slots, num_waiting, num_running, queue_depth of an engine, read lock-free."""
+    e = engine.engine
+
+    def read(name: str, fallback) -> int:
+        value = getattr(engine, name, None)
+        if value is None:
+            return int(fallback())
+        return value if isinstance(value, int) else len(value)
+
+    return {
+        "free_slots": read("free_slots", lambda: len(e.free_slots)),
+        "num_waiting": read("num_waiting", lambda: len(e.waiting)),
+        "num_running": read("num_running", lambda: len(e.running)),
+        "queue_depth": read("queue_depth", lambda: 0),
+    }
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """'runs/base' -> ('base', 'runs/base'); 'name=runs/base' -> ('name', 'runs/base').
+
+    A spec is split at '=' only when the left side is a valid name and the whole spec
+    is not an existing path, so a checkpoint directory whose path has '=' still works.
+    """
+    left, eq, right = spec.partition("=")
+    if eq and _NAME.fullmatch(left) and right and not Path(spec).exists():
+        return left, right
+    return Path(spec).resolve().name, spec
+
+
+def load_served_models(
+    specs: list[str], device: str = "auto", max_seqs: int = 16, max_queue: int = 64
+) -> dict[str, ServedModel]:
+    """``runs/base`` or ``name=runs/base`` -> ServedModel named ``base`` (or ``name``)."""
+    from glassbox.checkpoint import load_model_dir
+    from glassbox.device import resolve_device
+
+    models: dict[str, ServedModel] = {}
+    for spec in specs:
+        name, path = parse_model_spec(spec)
+        if name in models:
+            raise GlassboxError(f"Two models are named {name!r}; use NAME=PATH to rename one.")
+        model, tok, _ = load_model_dir(path, resolve_device(device))
+        engine = Engine(model, tok, max_seqs=max_seqs)
+        models[name] = ServedModel.from_engine(name, engine, max_queue)
+    return models

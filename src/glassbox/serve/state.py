@@ -1,0 +1,53 @@
+"""What the endpoint handlers share: the served models, the caps, the metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from glassbox.serve.errors import APIError
+from glassbox.serve.limits import ServeLimits
+from glassbox.serve.loading import ServedModel
+from glassbox.serve.metrics import Metrics
+
+
+@dataclass
+class ServerState:
+    """One app's shared state (``app.state.glassbox``)."""
+
+    models: dict[str, ServedModel]
+    limits: ServeLimits
+    metrics: Metrics
+    # Grammar compiles run here, off the event loop; two workers, so a slow schema
+    # delays other schemas a little but never a stream.
+    grammar_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="glassbox-grammar")
+    )
+
+    def model(self, name: str) -> ServedModel:
+        """The served model called ``name``, or a 404 listing the served ones."""
+        if name not in self.models:
+            raise APIError(
+                404, f"The model {name!r} does not exist; served models: {sorted(self.models)}.",
+                "invalid_request_error", "model", "model_not_found",
+            )  # fmt: skip
+        return self.models[name]
+
+    @contextmanager
+    def counting_rejections(self, sm: ServedModel) -> Iterator[None]:
+        """Count a 4xx raised inside as a 'rejected' request of ``sm``."""
+        try:
+            yield
+        except APIError as e:
+            if e.status < 500:
+                self.metrics.outcome(sm.name, "rejected")
+            raise
+
+
+def get_state(request: Request) -> ServerState:
+    """The shared state of the app that received ``request``."""
+    return request.app.state.glassbox
