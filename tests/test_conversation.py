@@ -137,7 +137,7 @@ def test_foreign_content_cannot_forge_markers(chatml):
     assert chatml.decode(prompt) == render_text(chatml, msgs, add_generation_prompt=True)
     ids, mask = encode_conversation(chatml, msgs + [{"role": "assistant", "content": "<s>"}])
     assert masked_runs(chatml, ids, mask) == ["<s><|im_end|>"]
-    assert ids.count(chatml.eot_id) == 1  # only the template's BOS
+    assert ids.count(chatml.token_to_id("<s>")) == 1  # only the template's BOS
 
 
 def test_foreign_template_errors_are_clear(chatml):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from glassbox.checkpoint import save_json
 from glassbox.errors import GlassboxError
@@ -128,7 +128,8 @@ def test_foreign_tokenizer_loads_with_its_own_specials_and_round_trips(small_tex
     tok = Tokenizer.load(tmp_path / "src")
     ids = {t: hf.token_to_id(t) for t in ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]}
     assert tok.is_foreign and tok.chat_template == CHATML
-    assert (tok.eot_id, tok.end_id, tok.pad_id) == (ids["<s>"], ids["<|im_end|>"], ids["</s>"])
+    # Its post-processor adds no BOS, so sequences start with EOS, GPT-2 style.
+    assert (tok.eot_id, tok.end_id, tok.pad_id) == (ids["</s>"], ids["<|im_end|>"], ids["</s>"])
     assert tok.stop_ids == {ids["</s>"], ids["<|im_end|>"]}
     assert tok.special_ids == set(ids.values())
     assert tok.encode("<|im_end|>", allow_special=True) == [ids["<|im_end|>"]]
@@ -158,6 +159,10 @@ def test_foreign_config_mistakes_are_clear(small_text, tmp_path):
         Tokenizer(hf, {"eos_token": "</eos>"})
     tok = Tokenizer(hf, {"eos_token": "</s>"})  # a base model: no template, no BOS
     assert tok.eot_id == tok.end_id == tok.pad_id == hf.token_to_id("</s>")
+    hf.post_processor = processors.TemplateProcessing(  # Llama-style: adds <s> itself
+        single="<s> $A", special_tokens=[("<s>", hf.token_to_id("<s>"))]
+    )
+    assert Tokenizer(hf, {"eos_token": "</s>"}).eot_id == hf.token_to_id("<s>")
     with pytest.raises(GlassboxError, match="no chat template"):
         tok.encode_chat([{"role": "user", "content": "hi"}])
 

@@ -59,8 +59,8 @@ class ChatTokens(NamedTuple):
 # The built-in format: one definition, as Python and as Jinja
 # ---------------------------------------------------------------------------------------
 
-HEADER_END = "\n"  # after the role marker
-TURN_END = END + "\n"  # after the content
+HEADER_END = "\n"  # after the role marker, before the content
+AFTER_END = "\n"  # after <|end|>, before the next turn
 GENERATION_PROMPT = ASSISTANT + HEADER_END
 
 
@@ -80,7 +80,7 @@ def _built_in_jinja() -> str:
         f"{{{{ {_jinja_str(EOT)} }}}}"
         "{% for message in messages %}"
         f"{branches}{{% else %}}{unknown}{{% endif %}}"
-        f"{{{{ {_jinja_str(HEADER_END)} + message['content'] + {_jinja_str(TURN_END)} }}}}"
+        f"{{{{ {_jinja_str(HEADER_END)} + message['content'] + {_jinja_str(END + AFTER_END)} }}}}"
         "{% endfor %}"
         f"{{% if add_generation_prompt %}}{{{{ {_jinja_str(GENERATION_PROMPT)} }}}}{{% endif %}}"
     )
@@ -91,7 +91,9 @@ CHAT_TEMPLATE = _built_in_jinja()
 
 
 def _built_in_text(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    turns = "".join(ROLE_TOKENS[m["role"]] + HEADER_END + m["content"] + TURN_END for m in messages)
+    turns = "".join(
+        ROLE_TOKENS[m["role"]] + HEADER_END + m["content"] + END + AFTER_END for m in messages
+    )
     return EOT + turns + (GENERATION_PROMPT if add_generation_prompt else "")
 
 
@@ -110,7 +112,7 @@ def _built_in_ids(
         mask += [learn if end > len(HEADER_END) else 0 for _, end in offsets]
         ids.append(tok.end_id)
         mask.append(learn)
-        sep = tok.encode(TURN_END[len(END) :])
+        sep = tok.encode(AFTER_END)
         ids += sep
         mask += [0] * len(sep)
     if add_generation_prompt:

@@ -13,11 +13,13 @@ Two kinds of tokenizer are wrapped:
 - **foreign**, an imported model's tokenizer (Llama, SmolLM, TinyLlama...): it keeps
   its own special tokens and Jinja chat template, read from ``tokenizer_config.json``
   (and ``chat_template.jinja``) beside ``tokenizer.json``. We map them onto the same
-  attributes: ``eot_id`` is its BOS (or EOS when it has no BOS) so prompts start the
-  way the model was trained; ``end_id`` is the token its template writes after an
-  assistant reply (``<|im_end|>``, ``<|eot_id|>``...) or else EOS; ``pad_id`` is its pad
-  token or else EOS; ``stop_ids`` are EOS, any extra stop tokens (the model's
-  generation_config), and ``end_id``.
+  attributes: ``eot_id`` is the BOS its own post-processor puts before a sequence
+  (Llama's ``<s>``, ``<|begin_of_text|>``), so prompts start the way the model was
+  trained, or else its EOS (GPT-2-style models separate documents with it);
+  ``end_id`` is the token its template writes after an assistant reply
+  (``<|im_end|>``, ``<|eot_id|>``...) or else EOS; ``pad_id`` is its pad token or else
+  EOS; ``stop_ids`` are EOS, any extra stop tokens (the model's generation_config), and
+  ``end_id``.
 
 A tokenizer directory is ours when its vocabulary holds all of :data:`SPECIAL_TOKENS`
 (our exports, imported back, stay ours), foreign otherwise.
@@ -157,6 +159,7 @@ class Tokenizer:
                 "`glassbox tokenizer train`, or load a model's tokenizer directory with its "
                 "tokenizer_config.json."
             )
+        # conversation.py imports this module's token strings, so import it lazily.
         from glassbox.conversation import CHAT_TEMPLATE
 
         self.config: dict[str, Any] | None = None
@@ -184,7 +187,8 @@ class Tokenizer:
         named = {k: self.token_to_id(v) for k, v in self.template_tokens.items()}
         eos = named["eos_token"]
         self.bos_id = named.get("bos_token")
-        self.eot_id = self.bos_id if self.bos_id is not None else eos
+        added_bos = self._added_bos()
+        self.eot_id = added_bos if added_bos is not None else eos
         self.pad_id = named.get("pad_token", eos)
         added = self.hf.get_added_tokens_decoder()
         self.special_ids = frozenset(
@@ -196,6 +200,15 @@ class Tokenizer:
         self.end_id = eos if end is None else end
         extra = {self.token_to_id(t) for t in self.config["stop_tokens"]}
         self.stop_ids = frozenset({eos, self.end_id, *extra})
+
+    def _added_bos(self) -> int | None:
+        """The special token the tokenizer's post-processor puts first, if any."""
+        with_specials = self._parsing.encode("a", add_special_tokens=True)
+        plain = self._parsing.encode("a", add_special_tokens=False)
+        first = with_specials.ids[0] if with_specials.ids else None
+        if with_specials.special_tokens_mask[:1] == [1] and plain.ids[:1] != [first]:
+            return first
+        return None
 
     def token_to_id(self, token: str) -> int:
         """The id of ``token``; a token missing from the vocabulary raises GlassboxError."""

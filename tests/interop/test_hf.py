@@ -306,6 +306,8 @@ def test_out_guard_for_export_and_import(tmp_path, tokenizer):
 
 
 def test_import_rejects_other_architectures(tmp_path):
+    with pytest.raises(GlassboxError, match="nope is not a directory"):
+        import_hf(tmp_path / "nope", tmp_path / "out")
     (tmp_path / "src").mkdir()
     ckpt.save_json({"model_type": "gpt2"}, tmp_path / "src" / "config.json")
     with pytest.raises(GlassboxError, match="model_type='gpt2'"):

@@ -130,13 +130,15 @@ def tokenizer_json(tok: Tokenizer) -> str:
 
 def tokenizer_config(tok: Tokenizer, context_length: int) -> dict:
     """tokenizer_config.json: named special tokens and the chat template."""
-    return {
+    config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **tok.template_tokens,
-        "chat_template": tok.chat_template,
         "model_max_length": context_length,
         "clean_up_tokenization_spaces": False,
     }
+    if tok.chat_template:  # a base model may have none
+        config["chat_template"] = tok.chat_template
+    return config
 
 
 def _check_out(source: Path, out: Path, force: bool) -> None:
@@ -293,6 +295,11 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     removed too (a later ``--resume`` would otherwise bring back the old weights).
     """
     hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise GlassboxError(
+            f"{hf_dir} is not a directory; pass a Hugging Face model directory (config.json, "
+            "*.safetensors, tokenizer.json)."
+        )
     _check_out(hf_dir, out, force)
     conf = ckpt.load_json(hf_dir / "config.json")
     if not isinstance(conf, dict):
