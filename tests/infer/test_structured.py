@@ -77,9 +77,12 @@ def test_json_schema_outputs_parse_and_validate(setup):
 
 
 def test_json_object(setup):
-    for text, reason in run(setup, Constraint("json_object"), max_tokens=120):
-        if reason == "stop":  # an unbounded object may also run out of tokens
-            assert isinstance(json.loads(text), dict)
+    # An object of any size may run out of tokens; these seeded draws are known to close
+    # it (same tokens alone or batched), so a broken grammar or stop rule fails here.
+    outs = run(setup, Constraint("json_object"), seeds=(3, 4, 10, 16, 22), max_tokens=120)
+    assert all(reason == "stop" for _, reason in outs), outs
+    assert all(isinstance(json.loads(text), dict) for text, _ in outs)
+    assert len({t for t, _ in outs}) > 1
 
 
 def test_regex_and_choice(setup):
@@ -88,7 +91,7 @@ def test_regex_and_choice(setup):
         assert reason == "stop" and re.fullmatch(pattern, text)
     choices = ["alpha", "beta gamma", 'quote " and \\ slash']
     outs = run(setup, Constraint("choice", choices), seeds=range(10))
-    assert all(text in choices for text, _ in outs)
+    assert all(reason == "stop" and text in choices for text, reason in outs), outs
     assert len({t for t, _ in outs}) > 1
 
 
@@ -115,3 +118,35 @@ def test_mask_allows_only_grammar_tokens(setup):
 def test_bad_constraints_are_user_errors(setup, constraint):
     with pytest.raises(GlassboxError):
         setup[2].compile(constraint)
+
+
+def test_grammar_compiles_once_and_matchers_are_independent_copies(setup):
+    tok, _, compiler = setup
+    c = Constraint("regex", "(ab|cd)[0-9]")
+    grammar = compiler.compile(c)
+    assert compiler.compile(Constraint("regex", "(ab|cd)[0-9]")) is grammar  # cached
+    a, b = grammar.matcher(), grammar.matcher()
+    start = a.allowed()
+    a_tokens = tok.encode("ab")
+    for t in a_tokens:
+        assert a.accept(t)
+    assert not torch.equal(a.allowed(), start)  # a moved on ...
+    assert torch.equal(b.allowed(), start)  # ... b is still at the start
+    assert torch.equal(grammar.matcher().allowed(), start)  # and so is a new one
+
+
+def test_hostile_grammars_fail_fast_as_user_errors(setup):
+    import time
+
+    compiler = setup[2]
+    deep: dict = {"type": "string"}
+    for _ in range(2000):
+        deep = {"type": "array", "items": deep}
+    t = time.perf_counter()
+    with pytest.raises(GlassboxError):
+        compiler.compile(Constraint("json_schema", deep))  # RecursionError inside -> 400
+    # 15 bytes that unroll to a million states; with llguidance's default fuel this
+    # takes seconds to compile, under our limits the lexer is built lazily.
+    m = compiler.compile(Constraint("regex", "(a{1000}){1000}")).matcher()
+    assert m.allowed().any()
+    assert time.perf_counter() - t < 1.5
