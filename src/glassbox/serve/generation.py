@@ -21,7 +21,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from glassbox.errors import ContextLengthError, GlassboxError
-from glassbox.infer.engine import RequestStream, TokenEvent
+from glassbox.infer.engine import EngineDeadError, RequestStream, TokenEvent
 from glassbox.infer.structured import Grammar
 from glassbox.serve.errors import APIError, bad_request, from_glassbox, request_id_of
 from glassbox.serve.limits import ServeLimits
@@ -33,6 +33,18 @@ from glassbox.serve.streaming import sse
 # Prompts longer than this are tokenized on a worker thread, not the event loop.
 BIG_PROMPT_CHARS = 4096
 TIMEOUT_CODES = ("request_timeout", "queue_timeout")
+
+
+def engine_unavailable() -> APIError:
+    """The engine thread has ended (a crash, or shutdown): the server, not the request."""
+    return APIError(
+        503,
+        "The model's engine is not running (the server is shutting down or has failed); "
+        "retry later or on another replica. /health reports it.",
+        "server_error",
+        None,
+        "engine_unavailable",
+    )
 
 
 async def off_loop(fn: Callable[..., Any], *args: Any, heavy: bool = True) -> Any:
@@ -130,6 +142,8 @@ class Events:
                 continue
             if isinstance(ev, BaseException):
                 self.cancel_streams()
+                if isinstance(ev, EngineDeadError):
+                    raise engine_unavailable() from ev
                 raise ev
             self.started = True
             return i, ev
@@ -200,6 +214,10 @@ def submit(
             req = body.engine_request(prompt, dataclasses.replace(params), sm.stop_ids, logprobs)
             req.grammar, req.request_id = grammar, f"{rid}-{i}"
             streams.append(sm.engine.submit(req))
+    except EngineDeadError:
+        for s in streams:
+            s.cancel()
+        raise engine_unavailable() from None
     except GlassboxError as e:
         for s in streams:
             s.cancel()

@@ -56,30 +56,16 @@ class ServedModel:
 
 def engine_alive(engine: AsyncEngine) -> bool:
     """Whether the engine's thread is running (False before start and after a crash)."""
-    alive = getattr(engine, "alive", None)
-    if callable(alive):
-        alive = alive()
-    if alive is not None:
-        return bool(alive)
-    thread = getattr(engine, "_thread", None)  # engines without `alive` yet
-    return thread is not None and thread.is_alive()
+    return engine.alive
 
 
 def engine_counters(engine: AsyncEngine) -> dict[str, int]:
-    """free_slots, num_waiting, num_running, queue_depth of an engine, read lock-free."""
-    e = engine.engine
-
-    def read(name: str, fallback) -> int:
-        value = getattr(engine, name, None)
-        if value is None:
-            return int(fallback())
-        return value if isinstance(value, int) else len(value)
-
+    """An engine's load, read lock-free from any thread."""
     return {
-        "free_slots": read("free_slots", lambda: len(e.free_slots)),
-        "num_waiting": read("num_waiting", lambda: len(e.waiting)),
-        "num_running": read("num_running", lambda: len(e.running)),
-        "queue_depth": read("queue_depth", lambda: 0),
+        "free_slots": engine.free_slots,
+        "num_waiting": engine.num_waiting,
+        "num_running": engine.num_running,
+        "queue_depth": engine.queue_depth,
     }
 
 

@@ -39,12 +39,11 @@ class ServerState:
 
     @contextmanager
     def counting_rejections(self, sm: ServedModel) -> Iterator[None]:
-        """Count a 4xx raised inside as a 'rejected' request of ``sm``."""
+        """Count an APIError raised inside as a 'rejected' (4xx) or 'error' request."""
         try:
             yield
         except APIError as e:
-            if e.status < 500:
-                self.metrics.outcome(sm.name, "rejected")
+            self.metrics.outcome(sm.name, "rejected" if e.status < 500 else "error")
             raise
 
 
