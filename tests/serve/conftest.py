@@ -95,6 +95,11 @@ def wait_for(cond, timeout: float = 10.0) -> bool:
     return False
 
 
+@pytest.fixture
+def free_port_number() -> int:
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def wait_until():
     """The ``wait_for`` poller, for test modules (conftest is not importable by name)."""
