@@ -1,8 +1,9 @@
 """Property-based fuzzing of the live server from its own /openapi.json: no input may
-produce a 5xx answer."""
+produce a 5xx answer, streaming or not."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import httpx
@@ -10,22 +11,31 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+GENERATION = ("CompletionRequest", "ChatCompletionRequest")
 
-def test_no_server_errors_from_openapi(live, api_key):
-    raw = httpx.get(live.url + "/openapi.json").json()
-    # Pin "model" to the served name so requests get past the 404 and reach the engine.
-    for name in ("CompletionRequest", "ChatCompletionRequest"):
-        raw["components"]["schemas"][name]["properties"]["model"] = {"enum": ["tiny"]}
-    schema = schemathesis.openapi.from_dict(raw)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= {o.path for o in operations}
+
+def fuzz_schema(raw: dict, stream: bool | None):
+    """The app's schema with ``model`` pinned to the served name (so requests reach the
+    engine, not the 404) and, if given, ``stream`` pinned too."""
+    raw = copy.deepcopy(raw)
+    for name in GENERATION:
+        props = raw["components"]["schemas"][name]["properties"]
+        props["model"] = {"enum": ["tiny"]}
+        if stream is not None:
+            props["stream"] = {"enum": [stream]}
+            raw["components"]["schemas"][name].setdefault("required", []).append("stream")
+    return schemathesis.openapi.from_dict(raw)
+
+
+def run_fuzz(live, api_key, schema, examples: int, statuses: Counter, kinds: Counter) -> None:
     headers = {"Authorization": f"Bearer {api_key}"}
-    statuses: Counter = Counter()
-    for op in operations:
+    for result in schema.get_all_operations():
+        op = result.ok()
+        post = op.method.upper() == "POST"
 
         @given(case=op.as_strategy())
         @settings(
-            max_examples=40 if op.method.upper() == "POST" else 3,
+            max_examples=examples if post else 3,
             deadline=None,
             derandomize=True,
             database=None,
@@ -36,8 +46,24 @@ def test_no_server_errors_from_openapi(live, api_key):
                 base_url=live.url, headers=headers, checks=[not_a_server_error], timeout=30
             )
             statuses[(case.path, response.status_code)] += 1
+            kind = (response.headers.get("content-type") or [""])[0].split(";")[0]
+            kinds[(case.path, kind)] += 1
 
         fuzz()
-    # The fuzzer reached the engine (200s) and the validators (400s), not only 404s.
+
+
+def test_no_server_errors_from_openapi(live, api_key):
+    raw = httpx.get(live.url + "/openapi.json").json()
+    statuses: Counter = Counter()
+    kinds: Counter = Counter()
+    any_stream = fuzz_schema(raw, None)
+    paths = {r.ok().path for r in any_stream.get_all_operations()}
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= paths
+    run_fuzz(live, api_key, any_stream, 80, statuses, kinds)
+    run_fuzz(live, api_key, fuzz_schema(raw, True), 40, statuses, kinds)
+    # The fuzzer reached the engine (200s, JSON and SSE) and the validators (400s).
     for path in ("/v1/completions", "/v1/chat/completions"):
         assert statuses[(path, 200)] > 0 and statuses[(path, 400)] > 0, statuses
+        assert kinds[(path, "text/event-stream")] > 0, kinds
+    eng = live.app.state.models["tiny"].engine
+    assert eng.num_running == 0 and eng.queue_depth == 0
