@@ -100,10 +100,15 @@ def test_seeded_row_draws_the_same_alone_or_batched(rows, seed):
 def reference_support(row: list[float], p: SamplingParams) -> torch.Tensor | None:
     """The kept set by the definitions, in float64, one row at a time; None when a
     value sits within rounding of a threshold (float32 may then go either way)."""
-    x = torch.tensor(row, dtype=torch.float64) / max(p.temperature, 1e-5)
+    # the logits a model hands over are float32: round first, then work in float64
+    x = torch.tensor(row, dtype=torch.float32).double() / max(p.temperature, 1e-5)
     keep = torch.ones_like(x, dtype=torch.bool)
     if 0 < p.top_k < len(row):
-        keep &= x >= torch.sort(x, descending=True).values[p.top_k - 1]
+        kth = torch.sort(x, descending=True).values[p.top_k - 1]
+        near = (x - kth).abs() / kth.abs().clamp_min(1.0)
+        if bool(((near < 1e-5) & (x != kth)).any()):
+            return None
+        keep &= x >= kth
     if p.top_p < 1.0:
         probs = torch.where(keep, x, -torch.inf).softmax(-1)
         order = torch.sort(probs, descending=True, stable=True).indices

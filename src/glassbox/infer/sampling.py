@@ -245,14 +245,16 @@ def sample_batch(
     """Draw one token per row with per-row settings, all rows in one vectorized pass.
     Greedy rows (temperature 0) take the argmax. Returns (B,) long."""
     greedy = settings.greedy
-    argmax = logits.argmax(dim=-1)
-    if bool(greedy.all()):
-        return argmax
+    n_greedy = int(greedy.sum())
+    if n_greedy == len(greedy):
+        return logits.argmax(dim=-1)
     filtered = filter_logits(
         logits, settings.temperature, settings.top_k, settings.top_p, settings.min_p
     )
     drawn = inverse_cdf(filtered.softmax(-1), draw_uniforms(generators, logits.device))
-    return torch.where(greedy, argmax, drawn)
+    if n_greedy == 0:  # an all-sampling batch (rollouts) skips the argmax pass
+        return drawn
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
 
 
 def sample_rows(
