@@ -144,10 +144,12 @@ def test_oversized_bodies_are_413_declared_or_chunked(make_server):
 
 
 def test_grammar_compile_time_limit(make_server):
-    srv = make_server(limits=ServeLimits(grammar_timeout=0.001))
-    body = {**COMP, "guided_regex": "(a{1000}){1000}"}  # 15 bytes, ~0.1 s to compile
-    r, elapsed = post(srv.base_url + "/completions", body)
-    err = assert_4xx(r, elapsed, 400, "guided_regex")
+    srv = make_server(limits=ServeLimits(grammar_timeout=0.01))
+    props = {f"k{i}": {"type": "string", "pattern": "[a-z]{1,20}"} for i in range(450)}
+    schema = {"type": "object", "properties": props, "required": list(props)}
+    assert len(json.dumps(schema)) < ServeLimits().max_schema_bytes  # only time stops it
+    r, elapsed = post(srv.base_url + "/chat/completions", {**CHAT, "guided_json": schema})
+    err = assert_4xx(r, elapsed, 400, "guided_json")
     assert err["code"] == "grammar_too_complex" and "--grammar-timeout" in err["message"]
 
 
