@@ -119,3 +119,20 @@ def test_bad_batches_are_refused_before_anything_runs(model, tok):
     with pytest.raises(GlassboxError, match="prompt token id"):
         eng.generate_batch([[10**6]], n=1, max_tokens=3)
     assert not eng.has_work and eng.num_free_slots == 2
+
+
+def test_top_logprobs_skip_padding_ids_and_share_the_raw_normalisation(model, tok):
+    eng = Engine(model, tok, max_seqs=1)
+    p = prompts(tok)[0]
+    req = GenerationRequest(p, SamplingParams(temperature=0.0), 3, logprobs=model.cfg.vocab_size)
+    events = [ev for ev in eng.generate(req) if ev.token is not None]
+    ids = list(p)
+    for ev in events:
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), -1)  # all 320
+        top_ids = [t for t, _ in ev.top_logprobs]
+        assert len(top_ids) == tok.vocab_size and max(top_ids) < tok.vocab_size
+        assert_close(ev.logprob, float(ref[ev.token]), atol=1e-4, rtol=1e-4)
+        assert_close([v for _, v in ev.top_logprobs[:5]], ref[top_ids[:5]].tolist(), atol=1e-4,
+                     rtol=1e-4)  # fmt: skip
+        ids.append(ev.token)

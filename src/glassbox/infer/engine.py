@@ -502,7 +502,7 @@ class Engine:
         if all(s.logprobs is None for s in seqs):
             return [(t, None, None) for t in token_list]
         top_n = max(s.request.logprobs or 0 for s in seqs)
-        chosen, top_v, top_i = token_logprobs(raw, tokens, top_n)
+        chosen, top_v, top_i = token_logprobs(raw, tokens, top_n, self.vocab_limit)
         chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
         picks = []
         for i, (seq, t) in enumerate(zip(seqs, token_list, strict=True)):

@@ -290,17 +290,20 @@ def token_logprobs(
     logits: torch.Tensor,  # (B, V)
     tokens: torch.Tensor,  # (B,) chosen tokens
     top_n: int = 0,
+    vocab_limit: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of the chosen tokens and of the ``top_n`` most likely ones.
 
     Returns (chosen (B,), top values (B, top_n), top ids (B, top_n)), computed with a
     log-softmax over ``logits`` (the engine passes the model's raw logits: before
-    penalties, masks, temperature and top-k/top-p/min-p filtering).
+    penalties, masks, temperature and top-k/top-p/min-p filtering). The top ids are
+    searched below ``vocab_limit`` only (padding rows of the embedding are not tokens).
     """
     logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     chosen = logp.gather(-1, tokens.view(-1, 1)).squeeze(-1)  # (B,)
     if top_n > 0:
-        top = torch.topk(logp, min(top_n, logp.shape[-1]), dim=-1)
+        real = logp[:, :vocab_limit]  # (B, vocab_limit)
+        top = torch.topk(real, min(top_n, real.shape[-1]), dim=-1)
         return chosen, top.values, top.indices
     empty = logp.new_empty(logp.shape[0], 0)
     return chosen, empty, empty.long()
