@@ -37,8 +37,9 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if value is not None and value <= 0 and name != "max_logprobs":
-                raise ValueError(f"{name}={value} must be > 0.")
+            floor = 0 if name == "max_logprobs" else 1e-9  # logprobs=0: the chosen token only
+            if value is not None and value < floor:
+                raise ValueError(f"{name}={value} must be {'>= 0' if floor == 0 else '> 0'}.")
 
 
 # The flag that sets each cap, quoted in the error so an operator knows which knob it is.
