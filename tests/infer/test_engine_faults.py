@@ -166,6 +166,32 @@ def test_sampling_fault_fails_only_that_request(model, tok, alone):
     assert_idle(eng)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_fail_only_their_row(monkeypatch, model, tok, alone, temperature):
+    """A forward pass that succeeds but returns NaN for one row: the batched sampler
+    refuses, the row-by-row retry finds the row, and only its request fails."""
+    eng = Engine(model, tok, max_seqs=4)
+    params = [SamplingParams(temperature=temperature, seed=0), GREEDY, GREEDY, GREEDY]
+    pairs = zip(prompts(tok), params, strict=True)
+    groups = [eng.add(GenerationRequest(p, q, 12)) for p, q in pairs]
+    victim = groups[0][0]
+    original = Transformer.forward
+
+    def forward(idx, cache=None, input_pos=None, rows=None, last_only=False):
+        out = original(model, idx, cache, input_pos, rows, last_only)
+        if idx.shape[1] == 1 and len(victim.output) >= 2 and victim.slot in rows_of(idx, rows):
+            out[rows_of(idx, rows).index(victim.slot)] = float("nan")
+        return out
+
+    monkeypatch.setattr(model, "forward", forward)
+    while eng.has_work:
+        eng.step()
+    assert victim.finish_reason == "error" and "NaN" in str(victim.error)
+    assert len(victim.output) == 2
+    assert [g[0].output for g in groups[1:]] == alone[1:]
+    assert_idle(eng)
+
+
 def test_generate_raises_the_error_and_frees_the_slot(monkeypatch, model, tok):
     patch_forward(monkeypatch, model, lambda idx, rows: idx.shape[1] == 1)
     eng = Engine(model, tok, max_seqs=1)

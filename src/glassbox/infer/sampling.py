@@ -231,6 +231,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """
     cdf = probs.cumsum(-1)  # (B, V), in vocabulary order: independent of other rows
     total = cdf[:, -1:]  # (B, 1)
+    if not bool(torch.isfinite(total).all()):  # NaN logits, or every token filtered out
+        raise ValueError("A row has no valid sampling distribution (NaN or all -inf logits).")
     # u * total can round up to total; stay strictly below it so the index is in range
     x = torch.minimum(u.view(-1, 1).to(cdf.dtype) * total, total.nextafter(total.new_zeros(())))
     idx = torch.searchsorted(cdf, x, right=True)  # (B, 1)
@@ -244,6 +246,8 @@ def sample_batch(
 ) -> torch.Tensor:
     """Draw one token per row with per-row settings, all rows in one vectorized pass.
     Greedy rows (temperature 0) take the argmax. Returns (B,) long."""
+    if bool(torch.isnan(logits).any()):  # a row's fault: the engine retries row by row
+        raise ValueError("NaN in the logits: the model's output is broken for this row.")
     greedy = settings.greedy
     n_greedy = int(greedy.sum())
     if n_greedy == len(greedy):
