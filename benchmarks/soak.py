@@ -1,6 +1,7 @@
 """Soak and isolation: many clients, faults and bad input against one `glassbox serve`.
 
-Soak: --clients concurrent clients on 127.0.0.1 for --seconds against a random-weight
+Soak: after a --warmup at full concurrency, --clients concurrent clients on 127.0.0.1
+for --seconds against a random-weight
 model of the --preset shape. Each client loops over a seeded mix: streaming and
 non-streaming chat and completions, streams it abandons after a few chunks (client
 disconnects), and bad requests (4xx expected). Reported: requests sent, completed,
@@ -249,6 +250,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--warmup", type=float, default=10)
     ap.add_argument("--light", type=int, default=8)
     ap.add_argument("--iso-seconds", type=float, default=20)
     ap.add_argument("--preset", default="tiny")
@@ -268,7 +270,11 @@ def main() -> None:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_ready(base, proc)
-            asyncio.run(soak(base, 4, 3, no_stop, seed=99))  # warm-up
+            rss_cold = rss_mb(proc.pid)
+            # Warm-up at full concurrency, so the RSS growth measured below is what the
+            # soak leaks, not the first touch of allocator pools and thread stacks.
+            asyncio.run(soak(base, args.clients, args.warmup, no_stop, seed=99))
+            time.sleep(1.0)
             rss0 = rss_mb(proc.pid)
             t = time.perf_counter()
             tally = asyncio.run(soak(base, args.clients, args.seconds, no_stop, args.seed))
@@ -293,7 +299,8 @@ def main() -> None:
     print(f"  latency p50 {percentile(tally.latency, 50):.2f} s p99 "
           f"{percentile(tally.latency, 99):.2f} s; TTFT (streams) p50 "
           f"{percentile(tally.ttft, 50):.2f} s p99 {percentile(tally.ttft, 99):.2f} s")  # fmt: skip
-    print(f"  server RSS {rss0:.0f} MB -> {rss1:.0f} MB ({growth:+.1f}%)")
+    print(f"  server RSS {rss0:.0f} MB -> {rss1:.0f} MB ({growth:+.1f}%); {rss_cold:.0f} MB "
+          f"before the {args.warmup:.0f} s warm-up")  # fmt: skip
     print(f"  engine at the end: {json.dumps(health)} -> idle with every slot free: {idle}")
     (p50a, p99a, na, _), (p50b, p99b, nb, heavy) = iso
     print(f"isolation: {args.light} light streaming clients, {args.iso_seconds:.0f} s each run")

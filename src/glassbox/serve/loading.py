@@ -27,6 +27,16 @@ class ServedModel:
     tokenizer: Tokenizer
     compiler: GrammarCompiler
     created: int = field(default_factory=lambda: int(time.time()))
+    _token_text: dict[int, tuple[str, list[int]]] = field(default_factory=dict, repr=False)
+
+    def token_text(self, token: int) -> tuple[str, list[int]]:
+        """(text, bytes) of one token for logprobs, cached: a request with n=16 and
+        top-5 logprobs looks up thousands of tokens, mostly the same few hundred."""
+        hit = self._token_text.get(token)
+        if hit is None:
+            raw = self.compiler.token_bytes(token)
+            hit = self._token_text[token] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return hit
 
     @property
     def context_length(self) -> int:

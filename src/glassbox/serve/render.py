@@ -53,8 +53,7 @@ class Renderer:
     # -- logprobs ---------------------------------------------------------------------
 
     def _token_str(self, token: int) -> tuple[str, list[int]]:
-        raw = self.sm.compiler.token_bytes(token)
-        return raw.decode("utf-8", errors="replace"), list(raw)
+        return self.sm.token_text(token)
 
     def logprobs_obj(self, events: list[TokenEvent], offset: int = 0) -> dict | None:
         if self.logprobs is None:
