@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler as HFDDIMScheduler
 from glassbox.diffusion.data import load_data
 from glassbox.diffusion.model import Denoiser, load_model, num_parameters
 from glassbox.diffusion.pipeline import DiffusionPipeline
-from glassbox.diffusion.train import build_model_config, preset
+from glassbox.train.diffusion import build_model_config, preset
 
 
 def our_model(run: str | None) -> Denoiser:

@@ -41,7 +41,7 @@ def test_optimizer_state_round_trip_without_pickle(tiny_model):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     tiny_model(torch.randint(0, 100, (2, 8))).sum().backward()
     opt.step()
-    tensors, meta = ckpt.optimizer_state_to_tensors(opt)
+    tensors, meta = ckpt.optimizer_state_to_tensors(opt.state_dict())
     blob = ckpt.tensors_bytes(tensors)
     from safetensors.torch import load
 
@@ -58,3 +58,44 @@ def test_snapshots_keep_last_k(tmp_path):
         ckpt.write_snapshot(tmp_path, step, {"x.json": b"{}"}, keep_last=2)
     assert [p.name for p in ckpt.list_snapshots(tmp_path)] == ["step_00000003", "step_00000004"]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_loader_builds_the_right_class_per_architecture(tmp_path, tiny_model, tokenizer):
+    from glassbox.diffusion.model import Denoiser, load_model
+    from glassbox.model import Transformer
+    from glassbox.train.diffusion import preset, train
+
+    ckpt.save_model_dir(tmp_path / "lm", tiny_model, tokenizer, "pretrain")
+    lm = ckpt.load_checkpoint(tmp_path / "lm")
+    assert isinstance(lm.model, Transformer) and lm.architecture == "transformer"
+    assert lm.record["stage"] == "pretrain"
+    run = train(preset("tiny", image_size=8, max_steps=1, out=str(tmp_path / "dm")), quiet=True)
+    dm = ckpt.load_checkpoint(run.out)
+    assert isinstance(dm.model, Denoiser) and dm.architecture == "denoiser"
+    # Each specific loader refuses the other's checkpoint by name.
+    with pytest.raises(GlassboxError, match="not a language model"):
+        ckpt.load_model_dir(run.out)
+    with pytest.raises(GlassboxError, match="not a diffusion model"):
+        load_model(tmp_path / "lm")
+    record = ckpt.load_json(tmp_path / "lm" / "config.json")
+    ckpt.save_json(record | {"architecture": "hologram"}, tmp_path / "lm" / "config.json")
+    with pytest.raises(GlassboxError, match="hologram"):
+        ckpt.load_checkpoint(tmp_path / "lm")
+
+
+def test_register_loader_adds_an_architecture(tmp_path, tiny_model, tokenizer):
+    seen = []
+
+    @ckpt.register_loader("probe")
+    def _probe(path, record, device):
+        seen.append(record["stage"])
+        return ckpt.Loaded(torch.nn.Identity(), None, record, "probe")
+
+    try:
+        ckpt.save_model_dir(tmp_path, tiny_model, tokenizer, "probe-stage")
+        record = ckpt.load_json(tmp_path / "config.json")
+        ckpt.save_json(record | {"architecture": "probe"}, tmp_path / "config.json")
+        assert ckpt.load_checkpoint(tmp_path).architecture == "probe"
+        assert seen == ["probe-stage"]
+    finally:
+        ckpt.LOADERS.pop("probe")

@@ -165,11 +165,3 @@ def test_foreign_config_mistakes_are_clear(small_text, tmp_path):
     assert Tokenizer(hf, {"eos_token": "</s>"}).eot_id == hf.token_to_id("<s>")
     with pytest.raises(GlassboxError, match="no chat template"):
         tok.encode_chat([{"role": "user", "content": "hi"}])
-
-
-def test_stream_decoder_never_splits_characters(tokenizer):
-    text = "naïve 日本語 🎉 done"
-    dec = tokenizer.stream_decoder()
-    pieces = [dec.push(i) for i in tokenizer.encode(text)]
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)

@@ -115,6 +115,8 @@ def write_snapshot(run_dir: str | Path, step: int, files: dict[str, bytes], keep
     """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{SNAPSHOT_PREFIX}*"):  # half-built by a process that died
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{SNAPSHOT_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:

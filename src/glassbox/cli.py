@@ -142,13 +142,14 @@ def export(
     run_dir: Annotated[str, typer.Argument(help="Checkpoint directory.")],
     out: Annotated[str, typer.Option(help="Directory to write.")],
     format: Annotated[str, typer.Option(help="Export format: hf.")] = "hf",
+    force: Annotated[bool, typer.Option(help="Write into a non-empty --out.")] = False,
 ) -> None:
     """Export a checkpoint as a Hugging Face Llama directory (loads in transformers)."""
     from glassbox.interop.hf import export_hf
 
     if format != "hf":
         raise GlassboxError(f"--format={format!r} is not supported; use --format hf.")
-    export_hf(run_dir, out)
+    export_hf(run_dir, out, force=force)
     typer.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer files)")
 
 
@@ -156,11 +157,14 @@ def export(
 def import_(
     hf_dir: Annotated[str, typer.Argument(help="Hugging Face Llama directory.")],
     out: Annotated[str, typer.Option(help="Glassbox checkpoint directory to write.")],
+    force: Annotated[
+        bool, typer.Option(help="Replace the run in a non-empty --out (its snapshots too).")
+    ] = False,
 ) -> None:
-    """Import a Hugging Face Llama-layout directory as a glassbox checkpoint."""
+    """Import any Hugging Face Llama-architecture directory (own tokenizer, chat template)."""
     from glassbox.interop.hf import import_hf
 
-    import_hf(hf_dir, out)
+    import_hf(hf_dir, out, force=force)
     typer.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json)")
 
 

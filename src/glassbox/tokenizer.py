@@ -354,9 +354,6 @@ class Tokenizer:
                 lengths[idx] = len(tok.replace("\u2581", " ").encode())
         return lengths
 
-    def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)
-
     # -- chat (thin wrappers over glassbox.conversation) ----------------------------
 
     def apply_chat_template(
@@ -380,20 +377,3 @@ class Tokenizer:
         if add_generation_prompt:
             return encode_prompt(self, messages)
         return encode_conversation(self, messages).ids
-
-
-class StreamDecoder:
-    """Turns a growing list of token ids into text pieces, never splitting a character."""
-
-    def __init__(self, tok: Tokenizer):
-        self.tok = tok
-        self.ids: list[int] = []
-        self.emitted = 0  # characters already returned
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-            return ""
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece

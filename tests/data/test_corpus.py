@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from glassbox.data.corpus import load_corpus, split_documents
@@ -56,13 +57,17 @@ def test_split_by_document_or_by_position():
     assert len(train[0].text) == 900 and len(val[0].text) == 100
 
 
-def test_tokenized_memmap_has_boundaries_and_is_cached(tokenizer, tmp_path):
+def test_tokenized_memmap_has_boundaries_and_is_cached(tokenizer, tmp_path, monkeypatch):
+    import glassbox.data.tokens as tokens
+
     docs = load_corpus("builtin:pydoc")[:30]
     a = tokenize_corpus(tokenizer, docs, 0.1, seq_len=32, cache_dir=tmp_path)
     assert int((a.train == tokenizer.eot_id).sum()) == a.meta["train_docs"]
-    mtime = next((tmp_path / "tokens").iterdir()).stat().st_mtime
+    calls = []
+    real = tokens._tokenize
+    monkeypatch.setattr(tokens, "_tokenize", lambda *a: calls.append(1) or real(*a))
     b = tokenize_corpus(tokenizer, docs, 0.1, seq_len=32, cache_dir=tmp_path)
-    assert next((tmp_path / "tokens").iterdir()).stat().st_mtime == mtime
+    assert calls == []  # read from the cache, not tokenized again
     assert (a.train == b.train).all()
     import torch
 
@@ -70,3 +75,19 @@ def test_tokenized_memmap_has_boundaries_and_is_cached(tokenizer, tmp_path):
     assert x.shape == (4, 32) and (x[:, 1:] == y[:, :-1]).all()
     with pytest.raises(GlassboxError, match="fewer than one sequence"):
         tokenize_corpus(tokenizer, docs[:10], 0.1, seq_len=100_000, cache_dir=tmp_path)
+
+
+def test_truncated_token_cache_is_rebuilt(tokenizer, tmp_path, monkeypatch):
+    """A cache file cut short (a crash, a full disk) is rebuilt, not trusted or fatal."""
+    import glassbox.data.tokens as tokens
+
+    docs = load_corpus("builtin:pydoc")[:30]
+    expected = np.array(tokenize_corpus(tokenizer, docs, 0.1, 32, tmp_path).train)
+    calls = []
+    real = tokens._tokenize
+    monkeypatch.setattr(tokens, "_tokenize", lambda *a: calls.append(1) or real(*a))
+    entry = next(p for p in (tmp_path / "tokens").iterdir() if not p.name.startswith("."))
+    data = (entry / "train.bin").read_bytes()
+    (entry / "train.bin").write_bytes(data[: len(data) // 2])
+    c = tokenize_corpus(tokenizer, docs, 0.1, seq_len=32, cache_dir=tmp_path)
+    assert calls == [1, 1] and (c.train == expected).all()

@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     r = glassbox(
         "train", "--data", "builtin:shapes", "--out", "run", "--preset", "tiny",
-        "--image-size", "8", "--steps", "3", "--sample-every", "3", cwd=root,
+        "--image-size", "8", "--max-steps", "3", "--sample-interval", "3", cwd=root,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     return root / "run"
@@ -78,6 +78,7 @@ def test_train_sample_trajectory_eval(run_dir):
         (["eval", "run", "--guidance", "a,b"], "Bad guidance"),
         (["train", "--data", "builtin:cifar", "--out", "new"], "Unknown data set"),
         (["train", "--out", "run", "--preset", "tiny"], "--resume"),
+        (["train", "--out", "new", "--unet", "{bad"], "JSON"),
     ],
 )  # fmt: skip
 def test_bad_arguments_exit_nonzero_without_traceback(run_dir, args, message):

@@ -92,34 +92,22 @@ def tokenize_corpus(
     seq_len: int = 64,
     cache_dir: Path | None = None,
 ) -> TokenData:
-    """Tokenize ``docs`` (train/val split by document), reusing the on-disk cache."""
+    """Tokenize ``docs`` (train/val split by document), reusing the on-disk cache.
+
+    A cache entry is written whole (files fsynced, then the directory renamed into
+    place); one whose files do not match its meta.json (a crash, a full disk) is
+    rebuilt rather than failing every later run.
+    """
     key = content_key(tok, docs, val_fraction)
     root = (cache_dir or cache_root()) / "tokens"
     final = root / key
-    if not (final / "meta.json").is_file():
-        train_docs, val_docs = split_documents(docs, val_fraction)
-        dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-        train = _tokenize(tok, train_docs, dtype, "train")
-        val = _tokenize(tok, val_docs, dtype, "val")
-        meta = {
-            "dtype": np.dtype(dtype).name,
-            "train_tokens": int(len(train)),
-            "val_tokens": int(len(val)),
-            "train_docs": len(train_docs),
-            "val_docs": len(val_docs),
-            "val_bytes": sum(len(d.text.encode("utf-8", "surrogatepass")) for d in val_docs),
-            "vocab_size": tok.vocab_size,
-        }
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-        train.tofile(tmp / "train.bin")
-        val.tofile(tmp / "val.bin")
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished the same cache first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    meta = json.loads((final / "meta.json").read_text())
+    meta = _read_cache(final)
+    if meta is None:
+        shutil.rmtree(final, ignore_errors=True)  # damaged: rebuild
+        _write_cache(tok, docs, val_fraction, root, final)
+        meta = _read_cache(final)
+        if meta is None:
+            raise GlassboxError(f"The token cache {final} could not be written; check the disk.")
     dtype = np.dtype(meta["dtype"])
     train = np.memmap(final / "train.bin", dtype=dtype, mode="r", shape=(meta["train_tokens"],))
     val = np.memmap(final / "val.bin", dtype=dtype, mode="r", shape=(meta["val_tokens"],))
@@ -131,3 +119,47 @@ def tokenize_corpus(
                 "--val-fraction."
             )
     return TokenData(train, val, meta)
+
+
+def _read_cache(final: Path) -> dict | None:
+    """The entry's metadata when every file is there with the size it promises."""
+    try:
+        meta = json.loads((final / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        sizes = {"train.bin": meta["train_tokens"], "val.bin": meta["val_tokens"]}
+        for name, count in sizes.items():
+            if (final / name).stat().st_size != count * itemsize:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta
+
+
+def _write_cache(tok, docs, val_fraction: float, root: Path, final: Path) -> None:
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
+    arrays = {
+        "train.bin": _tokenize(tok, train_docs, dtype, "train"),
+        "val.bin": _tokenize(tok, val_docs, dtype, "val"),
+    }
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": int(len(arrays["train.bin"])),
+        "val_tokens": int(len(arrays["val.bin"])),
+        "train_docs": len(train_docs),
+        "val_docs": len(val_docs),
+        "vocab_size": tok.vocab_size,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    files = {name: arr.tobytes() for name, arr in arrays.items()}
+    files["meta.json"] = json.dumps(meta, indent=2).encode()
+    for name, data in files.items():
+        with open(tmp / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process finished the same cache first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,7 +336,3 @@ def _plot(rows: list[dict], guidance: list[float], headline: str, path: Path) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     save_figure(fig, path)
-
-
-def load_results(out_dir: str | Path) -> dict:
-    return json.loads((Path(out_dir) / "results.json").read_text())

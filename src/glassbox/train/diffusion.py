@@ -18,6 +18,7 @@ resume rules and the training clock come from ``glassbox.train.run``: the same
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -258,6 +259,7 @@ def train(cfg: DiffusionTrainConfig, explicit: set[str] | None = None, quiet: bo
         "stage": "diffusion",
         "glassbox_version": __version__,
         "model": mcfg.to_dict(),
+        "train": dataclasses.asdict(cfg),  # what `diffuse eval` reloads the data with
     }
     schedule = NoiseSchedule(mcfg.scheduler)
     images = data.images.to(dev)

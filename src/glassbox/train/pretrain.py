@@ -201,7 +201,7 @@ def save_snapshot(run: Run, model, train_model, tokenizer, optimizers, gen, step
     files = {
         "model.safetensors": ckpt.tensors_bytes(weights, {"format": "pt"}),
         "config.json": ckpt.json_bytes(record),
-        "tokenizer.json": tokenizer.to_json().encode(),
+        **tokenizer.files(),  # tokenizer.json (+ tokenizer_config.json for imported ones)
     }
     trainer, metas = {}, []
     for i, sd in enumerate(opt_states):
@@ -229,7 +229,7 @@ def restore_snapshot(run: Run, model, train_model, optimizers, gen) -> tuple[int
     dist_.load_full_state(train_model if fsdp else model, weights, opt_states)
     rng = snap.tensors["trainer/rng.safetensors"]
     torch.set_rng_state(rng["torch_rng"])
-    gen.set_state(rng["data_rng"][run.d.rank].contiguous())
+    gen.set_state(rng["data_rng"][run.d.rank].clone())  # its own storage: set_state needs it
     return snap.step, int(snap.state.get("tokens_seen", 0))
 
 

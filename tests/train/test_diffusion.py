@@ -12,16 +12,20 @@ from glassbox.checkpoint import latest_snapshot, load_tensors
 from glassbox.diffusion.data import SHAPE_ATTRIBUTES, load_data, make_shapes
 from glassbox.diffusion.model import load_model
 from glassbox.diffusion.pipeline import DiffusionPipeline
-from glassbox.diffusion.train import preset, train
 from glassbox.errors import GlassboxError
+from glassbox.train.diffusion import preset, train
 
 
-def tiny(data: str = "builtin:shapes", **kw):
-    return preset("tiny", data, image_size=8, **kw)
+def tiny(out, data: str = "builtin:shapes", **kw):
+    return preset("tiny", data, image_size=8, out=str(out), **kw)
+
+
+def fit(cfg):
+    return train(cfg, quiet=True).out
 
 
 def test_checkpoint_round_trip(tmp_path):
-    run = train(tiny(steps=3), tmp_path / "run", quiet=True)
+    run = fit(tiny(tmp_path / "run", max_steps=3))
     for name in ("config.json", "model.safetensors", "metrics.jsonl", "loss.png"):
         assert (run / name).is_file(), name
     cfg = json.loads((run / "config.json").read_text())
@@ -37,7 +41,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_training_changes_the_weights_and_lowers_the_loss(tmp_path):
-    run = train(tiny(steps=30, lr=3e-3, ckpt_every=30), tmp_path / "run", quiet=True)
+    run = fit(tiny(tmp_path / "run", max_steps=30, lr=3e-3, checkpoint_interval=30))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in rows if "train_loss" in r]
     assert len(losses) == 30
@@ -46,14 +50,15 @@ def test_training_changes_the_weights_and_lowers_the_loss(tmp_path):
 
 @pytest.mark.parametrize("data", ["builtin:shapes", "builtin:digits"])
 def test_resume_is_exact(tmp_path, data):
-    straight = train(tiny(data, steps=4, ckpt_every=2), tmp_path / "a", quiet=True)
-    train(tiny(data, steps=2, ckpt_every=2), tmp_path / "b", quiet=True)
-    resumed = train(tiny(data, steps=4, ckpt_every=2), tmp_path / "b", resume=True, quiet=True)
-    sa = load_tensors(latest_snapshot(straight) / "trainer/state.safetensors")
-    sb = load_tensors(latest_snapshot(resumed) / "trainer/state.safetensors")
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    straight = fit(tiny(tmp_path / "a", data, max_steps=4, checkpoint_interval=2))
+    fit(tiny(tmp_path / "b", data, max_steps=2, checkpoint_interval=2))
+    resumed = fit(tiny(tmp_path / "b", data, max_steps=4, checkpoint_interval=2, resume=True))
+    for name in ("model", "optimizer0", "rng"):
+        sa = load_tensors(latest_snapshot(straight) / f"trainer/{name}.safetensors")
+        sb = load_tensors(latest_snapshot(resumed) / f"trainer/{name}.safetensors")
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (name, k)
     assert torch.equal(
         load_tensors(straight / "model.safetensors")["unet.conv_out.weight"],
         load_tensors(resumed / "model.safetensors")["unet.conv_out.weight"],
@@ -65,13 +70,13 @@ def test_resume_is_exact(tmp_path, data):
 
 
 def test_train_refuses_to_overwrite_and_resume_needs_a_snapshot(tmp_path):
-    train(tiny(steps=2), tmp_path / "run", quiet=True)
-    with pytest.raises(GlassboxError, match="--resume"):
-        train(tiny(steps=2), tmp_path / "run", quiet=True)
-    with pytest.raises(GlassboxError, match="no checkpoints"):
-        train(tiny(steps=2), tmp_path / "empty", resume=True, quiet=True)
-    with pytest.raises(GlassboxError, match="steps=0"):
-        train(tiny(steps=0), tmp_path / "x", quiet=True)
+    fit(tiny(tmp_path / "run", max_steps=2))
+    with pytest.raises(GlassboxError, match="already holds a run"):
+        fit(tiny(tmp_path / "run", max_steps=2))
+    with pytest.raises(GlassboxError, match="no snapshot"):
+        fit(tiny(tmp_path / "empty", max_steps=2, resume=True))
+    with pytest.raises(GlassboxError, match="--max-steps=0"):
+        fit(tiny(tmp_path / "x", max_steps=0))
     with pytest.raises(GlassboxError, match="Unknown preset"):
         preset("huge", "builtin:shapes")
 
@@ -115,7 +120,7 @@ def test_user_folder_with_captions(tmp_path, fmt):
     data = load_data(str(tmp_path), "train", image_size=8)
     assert data.images.shape == (11, 3, 8, 8) and data.captions[0] == ["a red box"]
     assert torch.allclose(data.images[0, 0], torch.ones(8, 8))  # red channel at full
-    run = train(tiny(str(tmp_path), steps=2), tmp_path / "run", quiet=True)
+    run = fit(tiny(tmp_path / "run", str(tmp_path), max_steps=2))
     assert load_model(run).vocab.encode("a blue box")
 
 
@@ -129,3 +134,18 @@ def test_bad_data_specs_give_clear_errors(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"file": "nope.png", "caption": "x"}\n')
     with pytest.raises(GlassboxError, match="missing"):
         load_data(str(tmp_path))
+
+
+def test_sample_grids_use_words_the_model_knows(tmp_path):
+    """A user's captions may share a word with the built-in preview ("triangle") but not
+    its colours: the grid must come from the user's own captions, not crash."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = []
+    for i in range(6):
+        Image.new("RGB", (8, 8), (255, 128 * (i % 2), 0)).save(data / f"{i}.png")
+        rows.append({"file": f"{i}.png", "caption": f"an orange triangle number {i}"})
+    (data / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run = fit(tiny(tmp_path / "run", str(data), max_steps=2, sample_interval=2))
+    with Image.open(run / "samples" / "step_000002.png") as im:
+        assert im.size[0] > 8
