@@ -36,6 +36,13 @@ def test_every_config_field_has_a_flag_and_help(path, cls):
     assert not [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
 
 
+def test_model_help_lists_every_preset():
+    from glassbox.config import PRESETS
+
+    help = field_docs(PretrainConfig)["model"]
+    assert all(name in help for name in PRESETS), help
+
+
 def test_the_same_idea_has_the_same_flag_in_every_training_command():
     for cls in (PretrainConfig, DiffusionTrainConfig):
         assert COMMON <= {f.name for f in dataclasses.fields(cls)}, cls.__name__

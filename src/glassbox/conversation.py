@@ -1,6 +1,7 @@
 """The chat format, in one place: messages -> token ids and the assistant loss mask.
 
-SFT, DPO, the server and the CLI all turn conversations into tokens here. A message is
+The server, the terminal chat and training stages turn conversations into tokens here
+(:func:`encode_conversation` gives the assistant-only loss mask fine-tuning needs). A message is
 ``{"role": "system" | "user" | "assistant", "content": str}``.
 
 Two kinds of tokenizer (see :class:`glassbox.tokenizer.Tokenizer`):
@@ -172,7 +173,7 @@ def encode_prompt(tok: Tokenizer, messages: Sequence[Message]) -> list[int]:
 
 
 def encode_conversation(tok: Tokenizer, messages: Sequence[Message]) -> ChatTokens:
-    """Token ids of the whole conversation and its loss mask, for SFT and DPO: the mask
+    """Token ids of the whole conversation and its loss mask for fine-tuning: the mask
     is 1 exactly over assistant content and end-of-turn tokens."""
     msgs = validate_messages(messages)
     if tok.is_foreign:

@@ -69,13 +69,6 @@ class Vocabulary:
             out[i, : len(ids)] = torch.tensor(ids)
         return out
 
-    def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "max_length": self.max_length}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Vocabulary:
-        return cls(d["tokens"], max_length=d["max_length"])
-
 
 class _Block(nn.Module):
     """Pre-norm transformer block: self-attention over the prompt, then an MLP."""

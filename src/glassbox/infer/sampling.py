@@ -1,5 +1,5 @@
-"""Logits -> next token. The one sampling module used by generate, the server, RL
-rollouts and the playground.
+"""Logits -> next token. The one sampling module: the engine (and so generate, chat,
+the server and trainers' batches) samples here.
 
 Order of operations for each row of logits (V,):
     logit_bias -> repetition/presence/frequency penalties -> temperature

@@ -1,7 +1,7 @@
 """`glassbox chat`: a terminal chat with history, streaming and a context-window meter.
 
-The conversation is rendered with the tokenizer's chat template (the one SFT and the
-server use) on every turn. When history + the next reply no longer fit in the context
+The conversation is rendered with the one chat format (glassbox.conversation, as the
+server does) on every turn. When history + the next reply no longer fit in the context
 window, the oldest user/assistant turns are dropped (the system prompt is always kept)
 and the chat says so.
 """

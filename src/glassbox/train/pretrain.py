@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from glassbox import checkpoint as ckpt
-from glassbox.config import PRESETS, ModelConfig
+from glassbox.config import ModelConfig
 from glassbox.data.corpus import load_corpus, split_documents
 from glassbox.data.tokens import tokenize_corpus
 from glassbox.device import autocast
@@ -49,7 +49,7 @@ class PretrainConfig:
     text_field: str = "text"
     """Text field of .jsonl records."""
     model: str = "tiny"
-    """Model preset (see glassbox.config.PRESETS)."""
+    """Model preset: test, tiny, small, gpt2-124m, gpt2-350m or llama-1b."""
     context_length: int | None = None
     """Override the preset's context window, in tokens."""
     tokenizer: str | None = None
@@ -131,8 +131,6 @@ class PretrainConfig:
         if self.strategy not in dist_.STRATEGIES:
             raise GlassboxError(f"--strategy={self.strategy!r}; choose ddp or fsdp.")
 
-
-MODEL_HELP = ", ".join(PRESETS)
 
 
 def lr_at(cfg: PretrainConfig, step: int, elapsed_s: float) -> float:
