@@ -26,6 +26,7 @@ from glassbox.infer.structured import Grammar
 from glassbox.serve.errors import APIError, bad_request, from_glassbox, request_id_of
 from glassbox.serve.limits import ServeLimits
 from glassbox.serve.loading import ServedModel
+from glassbox.serve.protocol import ChatCompletionRequest, CompletionRequest
 from glassbox.serve.render import Renderer
 from glassbox.serve.state import ServerState
 from glassbox.serve.streaming import sse
@@ -33,6 +34,7 @@ from glassbox.serve.streaming import sse
 # Prompts longer than this are tokenized on a worker thread, not the event loop.
 BIG_PROMPT_CHARS = 4096
 TIMEOUT_CODES = ("request_timeout", "queue_timeout")
+Body = CompletionRequest | ChatCompletionRequest
 
 
 def engine_unavailable() -> APIError:
@@ -52,7 +54,7 @@ async def off_loop(fn: Callable[..., Any], *args: Any, heavy: bool = True) -> An
     return await asyncio.to_thread(fn, *args) if heavy else fn(*args)
 
 
-async def compile_grammar(state: ServerState, sm: ServedModel, body) -> Grammar | None:
+async def compile_grammar(state: ServerState, sm: ServedModel, body: Body) -> Grammar | None:
     """The request's grammar, compiled once, off the event loop, within a time limit."""
     found = body.constraint(state.limits)
     if found is None:
@@ -179,6 +181,7 @@ class Events:
 
 
 def check_token_ids(prompts: list[list[int]], vocab_size: int) -> None:
+    """400 naming ``prompt`` for an empty token list or an id outside the vocabulary."""
     for p in prompts:
         if not p:
             raise bad_request("prompt has an empty list of token ids; send at least one.", "prompt")
@@ -192,7 +195,7 @@ def check_token_ids(prompts: list[list[int]], vocab_size: int) -> None:
 def submit(
     state: ServerState,
     sm: ServedModel,
-    body,
+    body: Body,
     prompts: list[list[int]],
     logprobs: int | None,
     grammar: Grammar | None,
@@ -231,14 +234,15 @@ async def generate(
     request: Request,
     state: ServerState,
     sm: ServedModel,
-    body,
+    body: Body,
     prompts: list[list[int]],
     logprobs: int | None,
     chat: bool,
     prompt_param: str,
 ) -> Response:
     """Run a validated request and answer it, streaming or not."""
-    arrived = time.monotonic()
+    # Deadlines count from arrival (the guard's clock), tokenizing included.
+    arrived = getattr(request.state, "arrived", None) or time.monotonic()
     rid = request_id_of(request)
     with state.counting_rejections(sm):
         grammar = await compile_grammar(state, sm, body)
@@ -272,7 +276,14 @@ def _json_bytes(render: Renderer, streams: list[RequestStream]) -> bytes:
     return json.dumps(render.response(streams)).encode()
 
 
-async def start_stream(state, sm, render, events, streams, rid) -> Response:
+async def start_stream(
+    state: ServerState,
+    sm: ServedModel,
+    render: Renderer,
+    events: Events,
+    streams: list[RequestStream],
+    rid: str,
+) -> Response:
     """Wait for the first event before answering 200, so a queue timeout or a failed
     prefill is still a real HTTP status; then stream the rest as server-sent events."""
     try:

@@ -13,6 +13,7 @@ answers carry CORS headers and browsers can read them.
 from __future__ import annotations
 
 import hmac
+import time
 import uuid
 
 from glassbox.serve.errors import REQUEST_ID_HEADER, APIError
@@ -56,7 +57,8 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         rid = uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"], state["arrived"] = rid, time.monotonic()
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":

@@ -71,6 +71,7 @@ def check_count(param: str, items: Any, what: str, limit: int, cap: str) -> None
 
 
 def check_stop(stop: list[str], limits: ServeLimits) -> None:
+    """400 for too many, empty or too long stop strings."""
     check_count("stop", stop, "strings", limits.max_stop, "max_stop")
     for s in stop:
         if not s:

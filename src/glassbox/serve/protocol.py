@@ -185,6 +185,8 @@ def _validate_field(name: str, params: SamplingParams, vocab_size: int) -> None:
 
 
 class CompletionRequest(_SamplingFields):
+    """The body of POST /v1/completions."""
+
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="Text, a list of texts, token ids, or lists of token ids."
     )
@@ -203,6 +205,8 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One chat message; content is text or a list of text parts."""
+
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart] | None = None
@@ -223,6 +227,8 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    """The body of POST /v1/chat/completions."""
+
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
