@@ -202,14 +202,7 @@ def test_async_engine_streams_and_bounds_its_queue(model, tok):
                 for p in prompts(tok)[:2]
             ]
             assert outs == alone
-            assert ae.queue_depth == 0
-            late = ae.submit(GenerationRequest(prompts(tok)[2], GREEDY, 1000 // 20))
-            late.cancel()
-            for _ in range(100):
-                if ae.num_running == 0 and ae.queue_depth == 0:
-                    break
-                await asyncio.sleep(0.02)
-            assert ae.num_running == 0 and ae.queue_depth == 0
+            assert ae.queue_depth == 0  # cancellation in every phase: test_engine_faults.py
         finally:
             ae.stop()
 
