@@ -15,6 +15,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ from glassbox.infer.engine import Engine, GenerationRequest
 from glassbox.infer.sampling import SamplingParams
 from glassbox.model import Transformer
 from glassbox.tokenizer import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
 
 PROMPT, NEW = 128, 128
 
@@ -86,6 +90,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--preset", default="gpt2-124m")
     args = ap.parse_args()
+    print(describe(), flush=True)
     from transformers import AutoModelForCausalLM
 
     from glassbox.interop.hf import export_hf

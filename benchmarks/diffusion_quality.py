@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
+
 TARGETS = {"shapes": ("shape+colour", 0.90), "digits": ("digit", 0.95)}
 
 
@@ -41,6 +44,7 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="evaluate existing runs only")
     ap.add_argument("--eval-args", nargs=argparse.REMAINDER, default=[])
     args = ap.parse_args()
+    print(describe(), flush=True)
 
     summary = []
     for name in args.data.split(","):

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers import DDIMPipeline, UNet2DModel
@@ -27,6 +29,9 @@ from glassbox.diffusion.data import load_data
 from glassbox.diffusion.model import Denoiser, load_model, num_parameters
 from glassbox.diffusion.pipeline import DiffusionPipeline
 from glassbox.train.diffusion import build_model_config, preset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
 
 
 def our_model(run: str | None) -> Denoiser:
@@ -58,6 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    print(describe(), flush=True)
 
     torch.manual_seed(0)
     ours = our_model(args.run)

@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
 
 TARGET_BPB = 2.72
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -143,6 +147,7 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(describe(), flush=True)
     text = Path(args.data).read_text()
     recipe = OURS | json.loads(args.recipe)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; recipe {recipe}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -26,24 +27,10 @@ from glassbox.infer.engine import Engine
 from glassbox.infer.sampling import SamplingParams
 from glassbox.model import Transformer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
+
 PROMPT, N, NEW = 16, 64, 64
-
-
-def cpu_flags() -> str:
-    """The SIMD/matrix extensions that decide CPU matmul speed, from /proc/cpuinfo."""
-    path = Path("/proc/cpuinfo")
-    if not path.exists():
-        return "unknown (no /proc/cpuinfo)"
-    flags: set[str] = set()
-    model = ""
-    for line in path.read_text().splitlines():
-        if line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-        if line.startswith("model name") and not model:
-            model = line.split(":", 1)[1].strip()
-    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
-    have = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted)
-    return f"{model}: {have}"
 
 
 def load(run: str | None) -> tuple[Transformer, list[int]]:
@@ -67,7 +54,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, prompt = load(args.run)
-    print(f"cpu: {cpu_flags()}")
+    print(describe())
     print(f"python {platform.python_version()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")  # fmt: skip
     name = args.run or "tiny (random init)"

@@ -30,6 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_single import build_checkpoint  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
+
 
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
@@ -97,6 +100,7 @@ def main() -> None:
     ap.add_argument("--preset", default="gpt2-124m")
     ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args()
+    print(describe(), flush=True)
     from transformers import AutoModelForCausalLM
 
     from glassbox.interop.hf import export_hf

@@ -30,10 +30,12 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_single import build_checkpoint  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
 
 MSG = [{"role": "user", "content": "hello there, tell me about the glassbox server"}]
 
@@ -43,23 +45,6 @@ def percentile(xs: list[float], q: float) -> float:
         return float("nan")
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
-
-
-def cpu_flags() -> str:
-    """The SIMD features torch dispatches on, and the CPU model."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
-            if f in flags]  # fmt: skip
-    cap = torch.backends.cpu.get_cpu_capability()
-    return f"{model}; flags: {' '.join(simd) or 'n/a'}; torch CPU capability: {cap}"
 
 
 def rss_mb(pid: int) -> float:
@@ -260,7 +245,7 @@ def main() -> None:
     args = ap.parse_args()
     from glassbox.tokenizer import Tokenizer
 
-    print("cpu:", cpu_flags())
+    print(describe())
     with tempfile.TemporaryDirectory() as tmp:
         run = build_checkpoint(Path(tmp) / "bench", args.preset)
         no_stop = {str(i): -100 for i in sorted(Tokenizer.load(run).special_ids)}

@@ -28,6 +28,9 @@ from glassbox.infer.engine import Engine, GenerationRequest  # noqa: E402
 from glassbox.infer.sampling import SamplingParams  # noqa: E402
 from glassbox.infer.structured import Constraint, GrammarCompiler  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
+
 SCHEMA = {
     "type": "object",
     "properties": {"items": {"type": "array", "items": {"type": "string"}}},
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--preset", default="gpt2-124m")
     args = ap.parse_args()
+    print(describe(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         run = build_checkpoint(Path(tmp) / "run", args.preset)
         model, tok, _ = checkpoint.load_model_dir(run)
