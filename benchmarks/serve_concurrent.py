@@ -29,8 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_single import build_checkpoint  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
 
 

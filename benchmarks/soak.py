@@ -33,9 +33,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_single import build_checkpoint  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
+from serve_concurrent import wait_ready  # noqa: E402
 
 MSG = [{"role": "user", "content": "hello there, tell me about the glassbox server"}]
 
@@ -215,20 +214,6 @@ async def light_tpot(base: str, light: int, seconds: float, heavy: bool, no_stop
             jobs.append(heavy_loop(client))
         await asyncio.gather(*jobs)
     return percentile(tpots, 50), percentile(tpots, 99), len(tpots), heavy_done
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("server did not start")
 
 
 def main() -> None:

@@ -22,14 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_single import build_checkpoint  # noqa: E402
+from machine import describe  # noqa: E402
 
 from glassbox import checkpoint  # noqa: E402
 from glassbox.infer.engine import Engine, GenerationRequest  # noqa: E402
 from glassbox.infer.sampling import SamplingParams  # noqa: E402
 from glassbox.infer.structured import Constraint, GrammarCompiler  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
 
 SCHEMA = {
     "type": "object",

@@ -12,6 +12,18 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]
 
 
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    ckpt.atomic_write_bytes(tmp_path / "a.bin", b"one")
+    snap = ckpt.write_snapshot(tmp_path, 1, {"x.json": b"{}"}, keep_last=1)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(snap.stat().st_mode) == 0o777 & ~umask
+
+
 def test_model_dir_round_trip(tmp_path, tiny_model, tokenizer):
     ckpt.save_model_dir(tmp_path, tiny_model, tokenizer, "test")
     model, tok, record = ckpt.load_model_dir(tmp_path)

@@ -45,12 +45,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _read_umask() -> int:
+    """The process umask (read once, at import: setting it is process-wide)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK  # what open()/mkdir() would give
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename).
+
+    The file gets the mode a plain ``open()`` would give (not mkstemp's private 0600),
+    so other users and tools read checkpoints as the umask allows.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -119,6 +135,7 @@ def write_snapshot(run_dir: str | Path, step: int, files: dict[str, bytes], keep
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{SNAPSHOT_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp.chmod(DIR_MODE)  # mkdtemp's is private (0700)
     try:
         for name, data in files.items():
             target = tmp / name

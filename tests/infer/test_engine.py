@@ -9,27 +9,11 @@ import math
 import pytest
 import torch
 
-from glassbox.config import ModelConfig
 from glassbox.errors import ContextLengthError, GlassboxError
 from glassbox.infer.engine import AsyncEngine, Engine, GenerationRequest, QueueFullError
 from glassbox.infer.sampling import SamplingParams
-from glassbox.model import Transformer
-from glassbox.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    texts = ["hello world, a small test of the glassbox engine 0123456789. " * 20]
-    return Tokenizer.train(texts, vocab_size=300, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def model(tok) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("test", vocab_size=tok.vocab_size, init_std=0.2)
-    return Transformer(cfg).eval()
 
 
 def prompts(tok) -> list[list[int]]:

@@ -11,9 +11,7 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
-from glassbox.config import ModelConfig
 from glassbox.infer.engine import (
     AsyncEngine,
     Engine,
@@ -23,22 +21,8 @@ from glassbox.infer.engine import (
 )
 from glassbox.infer.sampling import SamplingParams
 from glassbox.model import Transformer
-from glassbox.tokenizer import Tokenizer
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    texts = ["faults stay with their request; the others finish 0123456789. " * 20]
-    return Tokenizer.train(texts, vocab_size=300, show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def model(tok) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("test", vocab_size=tok.vocab_size, init_std=0.2)
-    return Transformer(cfg).eval()
 
 
 def prompts(tok) -> list[list[int]]:

@@ -42,7 +42,7 @@ from glassbox.errors import GlassboxError
 from glassbox.track import progress_bar
 from glassbox.train.distributed import setup_distributed
 from glassbox.train.optim import build_optimizers, set_lr
-from glassbox.train.run import BUDGET_FIELDS, Run
+from glassbox.train.run import Run
 
 
 @dataclass
@@ -238,7 +238,7 @@ def train(cfg: DiffusionTrainConfig, explicit: set[str] | None = None, quiet: bo
     d, dev = setup_distributed(cfg.device)
     if d.world > 1:
         raise GlassboxError("diffuse train runs in one process; start it without torchrun.")
-    run = Run.open(cfg, "diffusion", d, explicit, BUDGET_FIELDS | {"sample_interval"})
+    run = Run.open(cfg, "diffusion", d, explicit)
     cfg = run.cfg
     cfg.validate()
 

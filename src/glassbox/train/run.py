@@ -45,7 +45,6 @@ BUDGET_FIELDS = frozenset(
     {
         "out", "resume", "max_steps", "max_minutes", "device", "compile", "log_interval",
         "eval_interval", "checkpoint_interval", "keep_last", "sample_interval", "cache_dir",
-        "config", "print_config",
     }
 )  # fmt: skip
 
