@@ -26,7 +26,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer._click.core import ParameterSource
+
+try:  # recent typer releases carry their own copy of click
+    from typer._click.core import ParameterSource
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click.core import ParameterSource
 
 from glassbox.errors import GlassboxError
 
