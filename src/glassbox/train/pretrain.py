@@ -132,7 +132,6 @@ class PretrainConfig:
             raise GlassboxError(f"--strategy={self.strategy!r}; choose ddp or fsdp.")
 
 
-
 def lr_at(cfg: PretrainConfig, step: int, elapsed_s: float) -> float:
     """The learning rate at ``step``: warmup, then cosine over the run's progress."""
     progress = run_progress(step, cfg.max_steps, elapsed_s, cfg.max_minutes)
