@@ -4,6 +4,7 @@ produce a 5xx answer, streaming or not."""
 from __future__ import annotations
 
 import copy
+import time
 from collections import Counter
 
 import httpx
@@ -65,5 +66,11 @@ def test_no_server_errors_from_openapi(live, api_key):
     for path in ("/v1/completions", "/v1/chat/completions"):
         assert statuses[(path, 200)] > 0 and statuses[(path, 400)] > 0, statuses
         assert kinds[(path, "text/event-stream")] > 0, kinds
+    # Nothing leaked: every slot comes back. A stream the fuzzer stopped reading is
+    # aborted by the engine thread a moment after the client hangs up, so allow it that
+    # moment (a leaked slot never comes back, however long one waits).
     eng = live.app.state.models["tiny"].engine
+    deadline = time.monotonic() + 15
+    while (eng.num_running or eng.queue_depth) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert eng.num_running == 0 and eng.queue_depth == 0
