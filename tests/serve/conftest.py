@@ -100,6 +100,24 @@ def free_port_number() -> int:
     return free_port()
 
 
+def slow_down(srv, seconds: float) -> None:
+    """Make every engine step take ``seconds`` longer (a stand-in for a big model)."""
+    engine = srv.app.state.models["tiny"].engine.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    engine.step = slow_step
+
+
+@pytest.fixture(scope="session")
+def slower():
+    """The ``slow_down`` helper, for test modules (conftest is not importable by name)."""
+    return slow_down
+
+
 @pytest.fixture(scope="session")
 def wait_until():
     """The ``wait_for`` poller, for test modules (conftest is not importable by name)."""

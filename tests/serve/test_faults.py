@@ -31,17 +31,6 @@ def poison_prefill(srv) -> None:
     model.forward = faulty
 
 
-def slow_down(srv, seconds: float) -> None:
-    engine = srv.app.state.models["tiny"].engine.engine
-    step = engine.step
-
-    def slow_step():
-        time.sleep(seconds)
-        return step()
-
-    engine.step = slow_step
-
-
 def read_sse(lines) -> tuple[list[dict], bool]:
     """(JSON events, whether the stream ended with [DONE]) from SSE lines."""
     events, done = [], False
@@ -53,10 +42,10 @@ def read_sse(lines) -> tuple[list[dict], bool]:
     return events, done
 
 
-def test_failed_prefill_fails_only_its_request(make_server, no_stop):
+def test_failed_prefill_fails_only_its_request(make_server, no_stop, slower):
     srv = make_server(max_seqs=8)
     poison_prefill(srv)
-    slow_down(srv, 0.01)
+    slower(srv, 0.01)
     ae = srv.app.state.models["tiny"].engine
     client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
     good = dict(model="tiny", max_tokens=30, temperature=0, logit_bias=no_stop)
@@ -100,9 +89,9 @@ def test_health_is_503_when_the_engine_is_dead(make_server):
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
 
 
-def test_request_timeout(make_server, no_stop, wait_until):
+def test_request_timeout(make_server, no_stop, wait_until, slower):
     srv = make_server(limits=ServeLimits(request_timeout=0.4))
-    slow_down(srv, 0.02)
+    slower(srv, 0.02)
     ae = srv.app.state.models["tiny"].engine
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 100, "logit_bias": no_stop}
     t = time.perf_counter()
@@ -120,9 +109,9 @@ def test_request_timeout(make_server, no_stop, wait_until):
     assert 'status="timeout"} 2.0' in httpx.get(srv.url + "/metrics").text
 
 
-def test_queue_wait_limit(make_server, no_stop, wait_until):
+def test_queue_wait_limit(make_server, no_stop, wait_until, slower):
     srv = make_server(max_seqs=1, limits=ServeLimits(max_queue_wait=0.3))
-    slow_down(srv, 0.02)
+    slower(srv, 0.02)
     ae = srv.app.state.models["tiny"].engine
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 60, "logit_bias": no_stop,
             "stream": True}  # fmt: skip
@@ -138,9 +127,9 @@ def test_queue_wait_limit(make_server, no_stop, wait_until):
     assert done and events[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_graceful_shutdown_finishes_running_streams(make_server, no_stop):
+def test_graceful_shutdown_finishes_running_streams(make_server, no_stop, slower):
     srv = make_server()
-    slow_down(srv, 0.02)
+    slower(srv, 0.02)
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 40, "logit_bias": no_stop,
             "stream": True}  # fmt: skip
     with httpx.stream("POST", srv.base_url + "/completions", json=body, timeout=30) as r:

@@ -11,30 +11,9 @@ import openai
 import pytest
 
 
-def slow_down(srv, seconds: float) -> None:
-    """Make every engine step take ``seconds`` longer (a stand-in for a big model)."""
-    engine = srv.app.state.models["tiny"].engine.engine
-    step = engine.step
-
-    def slow_step():
-        time.sleep(seconds)
-        return step()
-
-    engine.step = slow_step
-
-
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def test_full_queue_answers_429(make_server):
+def test_full_queue_answers_429(make_server, slower, wait_until):
     srv = make_server(max_seqs=1, max_queue=1)
-    slow_down(srv, 0.05)
+    slower(srv, 0.05)
     ae = srv.app.state.models["tiny"].engine
     client = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
     body = dict(model="tiny", prompt="hello", max_tokens=40)
@@ -44,9 +23,9 @@ def test_full_queue_answers_429(make_server):
         for _ in range(2)
     ]
     threads[0].start()
-    assert wait_for(lambda: ae.num_running == 1)  # first request holds the only slot
+    assert wait_until(lambda: ae.num_running == 1)  # first request holds the only slot
     threads[1].start()
-    assert wait_for(lambda: ae.queue_depth == 1)  # second one waits
+    assert wait_until(lambda: ae.queue_depth == 1)  # second one waits
     with pytest.raises(openai.RateLimitError) as e:
         client.completions.create(**body)
     assert e.value.status_code == 429 and e.value.body["code"] == "queue_full"
@@ -57,9 +36,9 @@ def test_full_queue_answers_429(make_server):
     client.completions.create(model="tiny", prompt="hello", max_tokens=2)  # room again
 
 
-def test_client_disconnect_frees_slots_and_stops_decoding(make_server, no_stop):
+def test_client_disconnect_frees_slots_and_stops_decoding(make_server, no_stop, slower, wait_until):
     srv = make_server(max_seqs=4)
-    slow_down(srv, 0.02)
+    slower(srv, 0.02)
     ae = srv.app.state.models["tiny"].engine
     eng = ae.engine
     # Seeded, stop tokens suppressed, 4 x 100 tokens: without cancellation the engine
@@ -70,7 +49,7 @@ def test_client_disconnect_frees_slots_and_stops_decoding(make_server, no_stop):
         lines = r.iter_lines()
         next(lines)  # the first token arrived
         assert ae.num_running == 4 and len(eng.free_slots) == 0
-    assert wait_for(lambda: ae.num_running == 0 and len(eng.free_slots) == 4, timeout=5.0)
+    assert wait_until(lambda: ae.num_running == 0 and len(eng.free_slots) == 4, timeout=5.0)
     done = eng.tokens_generated
     time.sleep(0.3)  # ~15 steps' time: nothing more is decoded for the gone client
     assert eng.tokens_generated == done < 4 * 100
@@ -84,7 +63,7 @@ def test_client_disconnect_frees_slots_and_stops_decoding(make_server, no_stop):
 
     before = eng.tokens_generated
     blocking()
-    assert wait_for(lambda: ae.num_running == 0 and len(eng.free_slots) == 4, timeout=5.0)
+    assert wait_until(lambda: ae.num_running == 0 and len(eng.free_slots) == 4, timeout=5.0)
     after = eng.tokens_generated
     time.sleep(0.3)
     assert eng.tokens_generated == after < before + 4 * 100
