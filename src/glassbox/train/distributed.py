@@ -21,13 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from glassbox.device import resolve_device
 from glassbox.errors import GlassboxError
@@ -112,7 +105,8 @@ def no_sync(model: torch.nn.Module, sync: bool) -> Iterator[None]:
 # Whole state for snapshots, whatever the strategy
 # ---------------------------------------------------------------------------------------
 
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# torch.distributed.checkpoint is imported where it is used: it costs about a second at
+# start-up, and every `glassbox` command imports this module.
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -121,12 +115,21 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every weight as a whole CPU tensor (a collective under FSDP: call on all ranks)."""
-    return get_model_state_dict(_unwrap(model), options=_FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(_unwrap(model), options=full)
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state keyed by parameter name, whole CPU tensors (all ranks)."""
-    return get_optimizer_state_dict(_unwrap(model), optimizer, options=_FULL)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(_unwrap(model), optimizer, options=full)
 
 
 def load_full_state(
@@ -135,6 +138,12 @@ def load_full_state(
     optimizers: list[tuple[torch.optim.Optimizer, dict]] = (),
 ) -> None:
     """Put whole tensors back into a (possibly sharded) model and its optimizers."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     inner = _unwrap(model)
     opts = StateDictOptions(full_state_dict=True, strict=False)
     missing, unexpected = set_model_state_dict(inner, model_state, options=opts)
