@@ -138,6 +138,11 @@ def lr_at(cfg: PretrainConfig, step: int, elapsed_s: float) -> float:
     return warmup_cosine(cfg.lr, step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
 
 
+def sharded(run: Run) -> bool:
+    """FSDP2 across processes: every forward and every state gather is a collective."""
+    return run.cfg.strategy == "fsdp" and run.d.world > 1
+
+
 def finished(cfg: PretrainConfig, step: int, elapsed_s: float) -> bool:
     """Whether the step or time budget is spent."""
     return run_progress(step, cfg.max_steps, elapsed_s, cfg.max_minutes) >= 1.0
@@ -181,12 +186,15 @@ def shared_tokenizer(run: Run, docs) -> Tokenizer:
 # --------------------------------------------------------------------------------------
 
 
-def save_snapshot(run: Run, model, train_model, tokenizer, optimizers, gen, step, tokens_seen):
-    """Gather weights, optimizer and RNG state (collective) and write one snapshot."""
-    fsdp = run.cfg.strategy == "fsdp" and run.d.world > 1
+def save_snapshot(run: Run, model, tokenizer, optimizers, gen, step, tokens_seen):
+    """Gather weights, optimizer and RNG state (collective) and write one snapshot.
+
+    ``model`` is the module itself (under FSDP2 the sharded one: fully_shard works in
+    place), never the DDP or torch.compile wrapper, so parameter names stay plain.
+    """
     weights = opt_states = None
-    if run.d.main or fsdp:
-        weights = dist_.full_model_state(train_model if fsdp else model)
+    if run.d.main or sharded(run):
+        weights = dist_.full_model_state(model)
         opt_states = [dist_.full_optimizer_state(model, o) for o in optimizers]
     rng_all = dist_.gather_rng(gen, run.d)
     if not run.d.main:
@@ -208,7 +216,7 @@ def save_snapshot(run: Run, model, train_model, tokenizer, optimizers, gen, step
     run.save(step, files, trainer, {"tokens_seen": tokens_seen, "optimizers": metas})
 
 
-def restore_snapshot(run: Run, model, train_model, optimizers, gen) -> tuple[int, int]:
+def restore_snapshot(run: Run, model, optimizers, gen) -> tuple[int, int]:
     """Weights, optimizer and RNG state from the run's snapshot; returns (step, tokens)."""
     snap = run.snapshot
     run.check_world()
@@ -221,9 +229,7 @@ def restore_snapshot(run: Run, model, train_model, optimizers, gen) -> tuple[int
     for i, (opt, meta) in enumerate(zip(optimizers, metas, strict=True)):
         tensors = snap.tensors[f"trainer/optimizer{i}.safetensors"]
         opt_states.append((opt, ckpt.optimizer_state_from_tensors(tensors, meta)))
-    fsdp = run.cfg.strategy == "fsdp" and run.d.world > 1
-    weights = snap.tensors["model.safetensors"]
-    dist_.load_full_state(train_model if fsdp else model, weights, opt_states)
+    dist_.load_full_state(model, snap.tensors["model.safetensors"], opt_states)
     rng = snap.tensors["trainer/rng.safetensors"]
     torch.set_rng_state(rng["torch_rng"])
     gen.set_state(rng["data_rng"][run.d.rank].clone())  # its own storage: set_state needs it
@@ -268,12 +274,11 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
     step, tokens_seen = 0, 0
     if run.snapshot is not None:
-        step, tokens_seen = restore_snapshot(run, model, train_model, optimizers, gen)
+        step, tokens_seen = restore_snapshot(run, model, optimizers, gen)
     if cfg.compile:
         train_model = torch.compile(train_model)
     # Under FSDP2 every forward is a collective: all ranks evaluate and sample together.
-    collective = cfg.strategy == "fsdp" and d.world > 1
-    eval_model = train_model if collective else model
+    collective = sharded(run)
 
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * d.world
     if d.main:
@@ -334,12 +339,12 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
                     elapsed_log, tok_log, loss_sum, loss_n = elapsed, 0, 0.0, 0
                     if do_eval and (d.main or collective):
                         vl, vb = language_model_loss(
-                            eval_model, data, token_bytes, seq_len, cfg.batch_size,
+                            model, data, token_bytes, seq_len, cfg.batch_size,
                             cfg.eval_tokens, device,
                         )  # fmt: skip
                         row |= {"val_loss": vl, "val_bpb": vb}
                         if cfg.sample_tokens > 0:
-                            row["sample"] = sample_text(eval_model, model.cfg, tokenizer, cfg)
+                            row["sample"] = sample_text(model, tokenizer, cfg)
                             if d.main:
                                 bar.console.print(
                                     f"[dim]step {step} val_bpb {vb:.3f} sample:[/dim] "
@@ -362,24 +367,20 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
                 )
             if step % cfg.checkpoint_interval == 0 or done:
                 with clock.paused():
-                    save_snapshot(
-                        run, model, train_model, tokenizer, optimizers, gen, step, tokens_seen
-                    )
+                    save_snapshot(run, model, tokenizer, optimizers, gen, step, tokens_seen)
                     run.plot()
     dist_.barrier(d)
     return last
 
 
 @torch.no_grad()
-def sample_text(
-    model: torch.nn.Module, mcfg: ModelConfig, tokenizer: Tokenizer, cfg: PretrainConfig
-) -> str:
+def sample_text(model: Transformer, tokenizer: Tokenizer, cfg: PretrainConfig) -> str:
     """A short sample from the model as it trains (fixed seed, so runs compare)."""
     from glassbox.infer.generate import generate_text
     from glassbox.infer.sampling import SamplingParams
 
     prompt = [tokenizer.eot_id, *tokenizer.encode(cfg.sample_prompt)]
-    n = min(cfg.sample_tokens, mcfg.context_length - len(prompt))
+    n = min(cfg.sample_tokens, model.cfg.context_length - len(prompt))
     if n < 1:
         return ""
     params = SamplingParams(temperature=0.8, top_p=0.95, seed=cfg.seed)
