@@ -181,14 +181,23 @@ def config_command(
     cls: type,
     run: Callable[[Any, set[str]], None],
     presets: dict[str, dict[str, Any]] | None = None,
+    positional: str | None = None,
 ) -> Callable[..., None]:
     """A typer command function whose options are ``cls``'s fields; it calls
-    ``run(cfg, explicit)``. Register it with ``app.command(name, help=...)(fn)``."""
+    ``run(cfg, explicit)``. Register it with ``app.command(name, help=...)(fn)``.
+
+    ``positional`` names one field taken as the command's argument instead of a flag
+    (``glassbox sft runs/base``: the checkpoint to start from)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     fields = [
         _field_option(f, hints[f.name], docs.get(f.name, "")) for f in dataclasses.fields(cls)
     ]
+    if positional is not None:
+        i = next(i for i, f in enumerate(fields) if f.name == positional)
+        arg = typer.Argument(help=docs.get(positional, ""), show_default=False)
+        fields[i] = dataclasses.replace(fields[i], option=arg)
+        fields.insert(0, fields.pop(i))  # arguments come first in the signature
     by_name = {f.name: f for f in fields}
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [
@@ -196,7 +205,10 @@ def config_command(
     ]
     params += [
         inspect.Parameter(
-            f.name, kw, default=f.default, annotation=Annotated[f.annotation, f.option]
+            f.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name == positional else kw,
+            default=f.default,
+            annotation=Annotated[f.annotation, f.option],
         )
         for f in fields
     ]

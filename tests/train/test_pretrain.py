@@ -12,7 +12,8 @@ import pytest
 from glassbox.checkpoint import list_snapshots, load_json
 from glassbox.errors import GlassboxError
 from glassbox.track import read_metrics
-from glassbox.train.pretrain import PretrainConfig, lr_at, pretrain
+from glassbox.train.optim import lr_at
+from glassbox.train.pretrain import PretrainConfig, pretrain
 
 
 @pytest.fixture

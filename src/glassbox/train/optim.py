@@ -23,14 +23,15 @@ def build_optimizers(
 ) -> list[torch.optim.Optimizer]:
     """AdamW on everything; or Muon on the hidden 2-D matrices with AdamW on the rest.
 
-    Hidden matrices are the 2-D parameters whose names start with ``hidden_prefix``
+    Only trainable parameters (``requires_grad``) are optimized. Hidden matrices are the
+    2-D parameters whose names start with ``hidden_prefix``
     (the transformer's blocks); embeddings, heads and norms stay on AdamW, as Muon's
     orthogonalized updates are meant for hidden linear maps. Weight decay applies to
     matrices only, never to norms or biases.
     """
     if name not in OPTIMIZERS:
         raise GlassboxError(f"--optimizer={name!r}; choose one of {', '.join(OPTIMIZERS)}.")
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: frozen base
     is_hidden = [p.dim() == 2 and n.startswith(hidden_prefix) for n, p in named]
     hidden = [p for (_, p), h in zip(named, is_hidden, strict=True) if h]
     other_mats = [p for (_, p), h in zip(named, is_hidden, strict=True) if p.dim() >= 2 and not h]
@@ -181,3 +182,16 @@ def warmup_cosine(
         return lr * (step + 1) / warmup_steps
     floor = lr * min_lr_ratio
     return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lr_at(cfg, step: int, elapsed_s: float) -> float:
+    """The learning rate at ``step`` for any recipe config with ``lr``, ``warmup_steps``,
+    ``min_lr_ratio``, ``max_steps`` and ``max_minutes``: warmup, then cosine over the
+    run's progress (steps or time, whichever is further)."""
+    progress = run_progress(step, cfg.max_steps, elapsed_s, cfg.max_minutes)
+    return warmup_cosine(cfg.lr, step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
+
+
+def finished(cfg, step: int, elapsed_s: float) -> bool:
+    """Whether the step or time budget of a recipe config is spent."""
+    return run_progress(step, cfg.max_steps, elapsed_s, cfg.max_minutes) >= 1.0

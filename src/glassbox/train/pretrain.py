@@ -31,7 +31,7 @@ from glassbox.tokenizer import Tokenizer
 from glassbox.track import progress_bar
 from glassbox.train import distributed as dist_
 from glassbox.train.evaluate import language_model_loss
-from glassbox.train.optim import build_optimizers, run_progress, set_lr, warmup_cosine
+from glassbox.train.optim import build_optimizers, finished, lr_at, run_progress, set_lr
 from glassbox.train.run import BUDGET_FIELDS, Run, Snapshot
 
 # Pretraining may also change how much validation and sampling it does on resume.
@@ -132,20 +132,9 @@ class PretrainConfig:
             raise GlassboxError(f"--strategy={self.strategy!r}; choose ddp or fsdp.")
 
 
-def lr_at(cfg: PretrainConfig, step: int, elapsed_s: float) -> float:
-    """The learning rate at ``step``: warmup, then cosine over the run's progress."""
-    progress = run_progress(step, cfg.max_steps, elapsed_s, cfg.max_minutes)
-    return warmup_cosine(cfg.lr, step, cfg.warmup_steps, progress, cfg.min_lr_ratio)
-
-
 def sharded(run: Run) -> bool:
     """FSDP2 across processes: every forward and every state gather is a collective."""
     return run.cfg.strategy == "fsdp" and run.d.world > 1
-
-
-def finished(cfg: PretrainConfig, step: int, elapsed_s: float) -> bool:
-    """Whether the step or time budget is spent."""
-    return run_progress(step, cfg.max_steps, elapsed_s, cfg.max_minutes) >= 1.0
 
 
 # --------------------------------------------------------------------------------------
