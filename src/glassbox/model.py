@@ -116,8 +116,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_head != self.n_head
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if cache is None:  # causal, or the packed-sequence mask when one is given
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
+            )
         else:
             k, v = cache.update(self.layer, k, v, input_pos, rows, span)  # (B,K,S,D)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -189,11 +191,32 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,  # (B, T) positions; default 0..T-1
         rows: torch.Tensor | None = None,  # (B,) cache rows for these sequences
         last_only: bool = False,  # logits for the last position only (prefill)
+        segment_ids: torch.Tensor | None = None,  # (B, T) packed sequences, see hidden()
     ) -> torch.Tensor:
+        x = self.hidden(idx, cache, input_pos, rows, segment_ids)  # (B, T, C)
+        if last_only:  # a prefill needs one row of logits, not T (the LM head is large)
+            x = x[:, -1:]
+        return self.lm_head(x)  # (B, T, V), or (B, 1, V) with last_only
+
+    def hidden(
+        self,
+        idx: torch.Tensor,  # (B, T) token ids
+        cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,  # (B, T) positions; default 0..T-1
+        rows: torch.Tensor | None = None,  # (B,) cache rows for these sequences
+        segment_ids: torch.Tensor | None = None,  # (B, T) which packed sequence, or None
+    ) -> torch.Tensor:
+        """The final normalized hidden states (B, T, C), before the LM head (reward and
+        value heads read these).
+
+        ``segment_ids`` packs several sequences into one row: a token attends only to
+        earlier tokens with the same id, and ``input_pos`` should restart at 0 for each
+        sequence, so a packed row computes exactly what the sequences would alone.
+        """
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, C)
         mask, span = None, 0
-        if cache is None and input_pos is None:
+        if cache is None and input_pos is None and segment_ids is None:
             if T > self.cfg.context_length:
                 raise ValueError(f"sequence length {T} > context {self.cfg.context_length}")
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
@@ -206,11 +229,13 @@ class Transformer(nn.Module):
                 span = int(input_pos.max()) + 1
                 key_pos = torch.arange(span, device=idx.device)
                 mask = (key_pos.view(1, 1, span) <= input_pos.unsqueeze(-1)).unsqueeze(1)
+            elif segment_ids is not None:
+                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+                same = segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)  # (B, T, T)
+                mask = (same & causal).unsqueeze(1)  # (B, 1, T, T)
         for block in self.layers:
             x = block(x, cos, sin, cache, input_pos, rows, mask, span)
-        if last_only:  # a prefill needs one row of logits, not T (the LM head is large)
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))  # (B, T, V), or (B, 1, V) with last_only
+        return self.norm(x)
 
 
 @register_loader("transformer")
