@@ -1,0 +1,394 @@
+"""Run untrusted Python (model-written code) in a separate, limited process.
+
+Nothing is ever ``exec``-ed in the caller's process. :func:`run_python` writes the code
+into a fresh temporary directory and starts ``python -I`` there in a new session, with
+layered guards (each one catches what the others miss):
+
+1. **a fresh process** in its own session and process group, a scrubbed environment,
+   the temporary directory as cwd and ``HOME`` (removed afterwards), no stdin;
+2. **resource limits**, set by a small launcher process before the interpreter that
+   runs the code starts: CPU seconds, address space (memory), file size, processes,
+   open files, no core dumps;
+3. **an unprivileged user** when the caller is root (as in containers and CI): the code
+   runs as a uid of its own (a fresh one per run where the uid map allows, else
+   ``nobody``), so the process limit counts only its processes, file permissions apply,
+   and every process of that uid is killed when the run ends;
+4. **a network namespace** (``unshare(CLONE_NEWNET)``) where the kernel permits it: no
+   interfaces but a down loopback; silently skipped where not permitted;
+5. **an audit hook** (``sys.addaudithook``) installed before the code runs, refusing
+   sockets (connect, bind, getaddrinfo, sendto), new processes (fork, exec, spawn,
+   subprocess, os.system), signals, ctypes, and writing, removing or renaming files
+   outside the sandbox directory.
+
+The wall-clock timeout kills the whole process group (and the sandbox uid's processes);
+stdout and stderr are read with a cap, and a flood past it is killed. An audit hook
+is not a security boundary on its own (C extensions can bypass it), which is why the
+process limits and the unprivileged user sit under it. :func:`sandbox_layers` says which
+layers are active on this machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from glassbox.errors import GlassboxError
+
+NOBODY = 65534
+_UID_BASE = 0x6C000000  # a range no real account uses, when the uid map covers it
+_UID_SPAN = 1 << 20
+_uid_counter = itertools.count()
+_uid_lock = threading.Lock()
+
+# Runs as the caller's user in a fresh process: limits, namespace, privilege drop, exec.
+LAUNCHER = r"""
+import json, os, resource, sys
+cfg = json.loads(sys.argv[1])
+layers = ["fresh process", "resource limits"]
+if cfg["netns"]:
+    try:
+        import ctypes
+        if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0:
+            layers.append("network namespace")
+    except Exception:
+        pass
+for name, value in cfg["limits"].items():
+    resource.setrlimit(getattr(resource, name), (value, value))
+if cfg["uid"] is not None:
+    os.setgroups([])
+    os.setgid(cfg["uid"])
+    os.setuid(cfg["uid"])
+    layers.append("unprivileged user")
+if cfg["audit"]:
+    layers.append("audit hook")
+os.write(cfg["report_fd"], json.dumps(layers).encode())
+os.close(cfg["report_fd"])
+python = cfg["python"]
+os.execve(python, [python, "-I", "-c", cfg["prelude"], cfg["root"], cfg["program"], str(int(cfg["audit"]))], cfg["env"])
+"""
+
+# Runs in the sandboxed interpreter before the user's code: the audit hook, then the code.
+PRELUDE = r"""
+import os, sys
+def _glassbox_guard(root):
+    root = os.path.realpath(root)
+    refused = {
+        "os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn",
+        "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill",
+        "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
+        "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg",
+        "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function",
+        "os.symlink", "os.link", "os.mknod", "os.mkfifo",
+    }
+    paths = {
+        "os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
+        "os.utime": 1, "os.truncate": 1, "shutil.rmtree": 1, "os.rename": 2,
+        "shutil.copyfile": 2, "shutil.move": 2,
+    }
+    writing = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    busy = []
+
+    def inside(path):
+        if isinstance(path, int):
+            return True
+        try:
+            p = os.path.realpath(os.fsdecode(path))
+        except (TypeError, ValueError):
+            return False
+        return p == root or p.startswith(root + os.sep)
+
+    def hook(event, args):
+        if busy:
+            return
+        busy.append(1)
+        try:
+            if event in refused:
+                raise PermissionError(f"sandbox: {event} is not allowed")
+            if event == "open":
+                path, mode, flags = args
+                wants = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                    isinstance(flags, int) and flags & writing
+                )
+                if wants and not inside(path):
+                    raise PermissionError(f"sandbox: writing {path!r} outside the sandbox")
+            elif event in paths:
+                for path in args[: paths[event]]:
+                    if not inside(path):
+                        raise PermissionError(f"sandbox: {event} on {path!r} is not allowed")
+        finally:
+            busy.pop()
+
+    sys.addaudithook(hook)
+
+if sys.argv[3] == "1":
+    _glassbox_guard(sys.argv[1])
+with open(sys.argv[2], encoding="utf-8") as _f:
+    _code = compile(_f.read(), "<sandbox>", "exec")
+del _glassbox_guard, _f
+sys.argv = ["<sandbox>"]
+exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
+"""
+
+
+@dataclass
+class SandboxResult:
+    """What one sandboxed run did. ``passed``: exit status 0, within every limit."""
+
+    returncode: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    killed_reason: str | None = None  # "timeout", "output limit", "signal SIGXCPU", ...
+    duration_s: float = 0.0
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and self.killed_reason is None
+
+
+def run_python(
+    code: str,
+    timeout_s: float = 5.0,
+    memory_mb: int = 512,
+    max_output_bytes: int = 64_000,
+    max_processes: int = 16,
+    max_file_bytes: int = 1_000_000,
+    audit_hook: bool = True,
+) -> SandboxResult:
+    """Run ``code`` with ``python -I`` in a fresh sandbox (see the module docstring) and
+    return its exit status, capped output and which guards were active.
+
+    ``timeout_s`` is wall-clock time (CPU time is limited to it too), ``memory_mb`` the
+    address space, ``max_output_bytes`` the cap on stdout and on stderr (a flood past it
+    is killed), ``max_processes`` the processes the sandbox user may have, and
+    ``max_file_bytes`` the largest file it may write. ``audit_hook=False`` leaves out
+    the audit hook, only so tests can check the layers under it on their own."""
+    _check_limits(timeout_s, memory_mb, max_output_bytes, max_processes)
+    drop, python = _identity()
+    limits = {
+        "RLIMIT_CPU": int(timeout_s) + 1,
+        "RLIMIT_AS": memory_mb * 1024 * 1024,
+        "RLIMIT_FSIZE": max_file_bytes,
+        "RLIMIT_NPROC": max_processes,
+        "RLIMIT_NOFILE": 64,
+        "RLIMIT_CORE": 0,
+    }
+    uid = _fresh_uid() if drop else None
+    return _run(code, python, uid, limits, timeout_s, max_output_bytes, audit_hook)
+
+
+def sandbox_layers() -> list[str]:
+    """The guards active on this machine, e.g. ``["fresh process", "resource limits",
+    "unprivileged user", "network namespace", "audit hook"]``."""
+    return list(run_python("pass").layers)
+
+
+def _check_limits(timeout_s: float, memory_mb: int, max_output: int, max_procs: int) -> None:
+    checks = [
+        ("timeout_s", timeout_s, 0.1, 600), ("memory_mb", memory_mb, 64, 1 << 20),
+        ("max_output_bytes", max_output, 1, 1 << 30), ("max_processes", max_procs, 1, 4096),
+    ]  # fmt: skip
+    for name, value, lo, hi in checks:
+        if not lo <= value <= hi:
+            raise GlassboxError(f"sandbox {name}={value} is out of range; use {lo}..{hi}.")
+
+
+# ---------------------------------------------------------------------------------------
+# Who runs the code, with which interpreter
+# ---------------------------------------------------------------------------------------
+
+
+def _uid_range_mapped(lo: int, hi: int) -> bool:
+    try:
+        rows = Path("/proc/self/uid_map").read_text().split("\n")
+    except OSError:
+        return False
+    for row in rows:
+        parts = row.split()
+        if len(parts) == 3 and int(parts[0]) <= lo and hi <= int(parts[0]) + int(parts[2]):
+            return True
+    return False
+
+
+def _fresh_uid() -> int:
+    """A uid of its own for one run (so limits and the final kill touch only it)."""
+    if not _uid_range_mapped(_UID_BASE, _UID_BASE + _UID_SPAN):
+        return NOBODY
+    with _uid_lock:
+        n = next(_uid_counter)
+    return _UID_BASE + ((os.getpid() % 256) * 4096 + n % 4096) % _UID_SPAN
+
+
+@functools.lru_cache(maxsize=1)
+def _identity() -> tuple[bool, str]:
+    """(whether to drop to an unprivileged uid, interpreter the sandbox runs). As root, the first
+    interpreter an unprivileged user can start (ours may live under /root)."""
+    if os.name != "posix":
+        raise GlassboxError("The code sandbox needs Linux or macOS (POSIX process limits).")
+    if os.geteuid() != 0:
+        return False, sys.executable
+    candidates = [sys.executable, sys._base_executable, shutil.which("python3"),
+                  "/usr/local/bin/python3", "/usr/bin/python3"]  # fmt: skip
+    for python in dict.fromkeys(c for c in candidates if c and os.path.exists(c)):
+        limits = {"RLIMIT_AS": 512 << 20, "RLIMIT_NPROC": 16, "RLIMIT_CORE": 0}
+        probe = _run("print('ok')", python, _fresh_uid(), limits, 10.0, 1000)
+        if probe.passed and probe.stdout.strip() == "ok":
+            return True, python
+    return False, sys.executable  # no interpreter an unprivileged user can run
+
+
+# ---------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------
+
+
+def _run(
+    code: str,
+    python: str,
+    uid: int | None,
+    limits: dict,
+    timeout_s: float,
+    cap: int,
+    audit: bool = True,
+) -> SandboxResult:
+    root = Path(tempfile.mkdtemp(prefix="glassbox-sandbox-"))
+    report_r, report_w = os.pipe()
+    start = time.monotonic()
+    try:
+        program = root / "main.py"
+        program.write_text(code, encoding="utf-8")
+        if uid is not None:
+            os.chown(root, uid, uid)
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(root), "LANG": "C.UTF-8"}
+        cfg = {
+            "netns": sys.platform == "linux", "limits": limits, "uid": uid, "python": python,
+            "prelude": PRELUDE, "root": str(root), "program": str(program), "env": env,
+            "report_fd": report_w, "audit": audit,
+        }  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", LAUNCHER, json.dumps(cfg)],
+            cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True, pass_fds=(report_w,),
+        )  # fmt: skip
+        os.close(report_w)
+        report_w = -1
+        try:
+            out, err, reason = _collect(proc, start + timeout_s, cap)
+        finally:
+            _kill_all(proc, uid)
+        layers = _read_report(report_r)
+    finally:
+        if report_w >= 0:
+            os.close(report_w)
+        os.close(report_r)
+        shutil.rmtree(root, ignore_errors=True)
+    rc = proc.returncode
+    if reason is None and rc is not None and rc < 0:
+        reason = f"signal {signal.Signals(-rc).name}"
+    return SandboxResult(
+        returncode=rc, stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
+        timed_out=reason == "timeout", killed_reason=reason,
+        duration_s=time.monotonic() - start, layers=layers,
+    )  # fmt: skip
+
+
+def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
+    """Read stdout and stderr until both close, the deadline passes or one exceeds ``cap``
+    bytes; return what was read (at most ``cap`` bytes each) and why it was cut short."""
+    bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
+    reason = None
+    with selectors.DefaultSelector() as sel:
+        for stream in bufs:
+            sel.register(stream, selectors.EVENT_READ)
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reason = "timeout"
+                break
+            for key, _ in sel.select(timeout=min(left, 0.5)):
+                chunk = os.read(key.fileobj.fileno(), 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                    continue
+                bufs[key.fileobj] += chunk
+                if len(bufs[key.fileobj]) > cap:
+                    reason = "output limit"
+            if reason:
+                break
+    if reason is None:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            reason = "timeout"
+    return bytes(bufs[proc.stdout][:cap]), bytes(bufs[proc.stderr][:cap]), reason
+
+
+def _kill_all(proc: subprocess.Popen, uid: int | None) -> None:
+    """Kill the process group, then (as root) every process the sandbox uid still owns."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        stream.close()
+    if uid is not None and uid != NOBODY:  # nobody may be another run's user too
+        _kill_uid(uid)
+
+
+def _kill_uid(uid: int, rounds: int = 50) -> None:
+    """SIGKILL every process whose real uid is ``uid`` (escaped a process group with
+    setsid, say), repeating until none is left (a fork bomb forks while we kill)."""
+    for _ in range(rounds):
+        found = False
+        for pid in _pids_of(uid):
+            found = True
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not found:
+            return
+        time.sleep(0.01)
+
+
+def _pids_of(uid: int) -> list[int]:
+    """Live (not zombie) processes whose real uid is ``uid``."""
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        fields = dict(x.split(":", 1) for x in status.splitlines() if ":" in x)
+        zombie = fields.get("State", "").strip().startswith("Z")  # dead, awaiting its reaper
+        if fields.get("Uid", "").split()[:1] == [str(uid)] and not zombie:
+            pids.append(int(entry))
+    return pids
+
+
+def _read_report(fd: int) -> list[str]:
+    os.set_blocking(fd, False)
+    try:
+        data = os.read(fd, 65536)
+    except BlockingIOError:
+        return []
+    try:
+        return list(json.loads(data)) if data else []
+    except json.JSONDecodeError:
+        return []
