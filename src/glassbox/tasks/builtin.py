@@ -23,18 +23,23 @@ from glassbox.tasks.base import Task
 SPLITS = ("train", "heldout")
 DEFAULT_SIZES = {"train": 2000, "heldout": 100}
 
-NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy",
-         "Mallory", "Niaj", "Olivia", "Peggy", "Rupert", "Sybil", "Trent", "Victor", "Walter",
-         "Yara", "Zoe", "Liam", "Emma", "Noah", "Ava", "Mia", "Leo", "Ines", "Omar", "Priya"]  # fmt: skip
-CITIES = [("Lyon", "France"), ("Porto", "Portugal"), ("Osaka", "Japan"), ("Cork", "Ireland"),
-          ("Graz", "Austria"), ("Turin", "Italy"), ("Bergen", "Norway"), ("Delft", "Netherlands"),
-          ("Malmo", "Sweden"), ("Leeds", "England"), ("Quito", "Ecuador"), ("Perth", "Australia"),
-          ("Seville", "Spain"), ("Krakow", "Poland"), ("Bonn", "Germany"), ("Austin", "USA")]  # fmt: skip
-ITEMS = ["lamp", "chair", "book", "mug", "pen", "kite", "clock", "bag", "hat", "desk", "fan",
-         "sofa", "plate", "radio", "shoe", "bike"]  # fmt: skip
-WORDS = ["apple", "banana", "cherry", "river", "stone", "cloud", "garden", "pepper", "silver",
-         "window", "rabbit", "letter", "bottle", "button", "pillow", "tomato", "yellow", "summer",
-         "coffee", "mirror", "planet", "forest", "candle", "rocket", "butter", "dinner"]  # fmt: skip
+NAMES = (
+    "Alice Bob Carol Dave Erin Frank Grace Heidi Ivan Judy Mallory Niaj Olivia Peggy Rupert "
+    "Sybil Trent Victor Walter Yara Zoe Liam Emma Noah Ava Mia Leo Ines Omar Priya"
+).split()
+CITIES = [
+    tuple(pair.split(":"))
+    for pair in (
+        "Lyon:France Porto:Portugal Osaka:Japan Cork:Ireland Graz:Austria Turin:Italy "
+        "Bergen:Norway Delft:Netherlands Malmo:Sweden Leeds:England Quito:Ecuador "
+        "Perth:Australia Seville:Spain Krakow:Poland Bonn:Germany Austin:USA"
+    ).split()
+]
+ITEMS = "lamp chair book mug pen kite clock bag hat desk fan sofa plate radio shoe bike".split()
+WORDS = (
+    "apple banana cherry river stone cloud garden pepper silver window rabbit letter bottle "
+    "button pillow tomato yellow summer coffee mirror planet forest candle rocket butter dinner"
+).split()
 FRUITS = ["apple", "pear", "fig", "plum", "kiwi", "lime", "grape", "mango", "peach", "melon"]
 SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 

@@ -26,17 +26,23 @@ from glassbox.tasks.base import Task
 from glassbox.tasks.builtin import SPLITS, builtin_tasks
 
 BUILTIN = "builtin:tasks"
+HUMANEVAL_SAMPLE = "builtin:humaneval-sample"  # examples/humaneval_sample.jsonl, shipped
 FILE_CHECKERS = ("exact", "number", "contains", "regex")
 HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")
 
 
 def load_tasks(spec: str, split: str = "train") -> list[Task]:
-    """``builtin:tasks`` (``split`` "train" or "heldout") or the path of a JSONL task file
-    (``split`` is ignored: a file is one set of tasks)."""
+    """``builtin:tasks`` (``split`` "train" or "heldout"), ``builtin:humaneval-sample``
+    (four small HumanEval-format problems shipped with glassbox) or the path of a JSONL
+    task file (``split`` is ignored for files: a file is one set of tasks)."""
     if spec == BUILTIN:
         return builtin_tasks(split)
+    if spec == HUMANEVAL_SAMPLE:
+        return read_task_file(Path(__file__).parent / "examples" / "humaneval_sample.jsonl")
     if spec.startswith("builtin:"):
-        raise GlassboxError(f"Unknown task set {spec!r}; use {BUILTIN!r} or a .jsonl file.")
+        raise GlassboxError(
+            f"Unknown task set {spec!r}; use {BUILTIN!r}, {HUMANEVAL_SAMPLE!r} or a .jsonl file."
+        )
     if split not in SPLITS:
         raise GlassboxError(f"split={split!r} is not one of {list(SPLITS)}.")
     return read_task_file(spec)
@@ -136,7 +142,7 @@ def _compile_pattern(pattern: str, path: Path, number: int) -> None:
     try:
         re.compile(pattern)
     except re.error as e:
-        raise _bad(path, number, f"field 'answer' is not a valid regular expression ({e}).")
+        raise _bad(path, number, f"field 'answer' is not a valid regular expression ({e}).") from e
 
 
 def _humaneval(row: dict[str, Any], path: Path, number: int) -> Task:

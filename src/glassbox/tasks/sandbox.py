@@ -76,7 +76,8 @@ if cfg["audit"]:
 os.write(cfg["report_fd"], json.dumps(layers).encode())
 os.close(cfg["report_fd"])
 python = cfg["python"]
-os.execve(python, [python, "-I", "-c", cfg["prelude"], cfg["root"], cfg["program"], str(int(cfg["audit"]))], cfg["env"])
+argv = [python, "-I", "-c", cfg["prelude"], cfg["root"], cfg["program"], str(int(cfg["audit"]))]
+os.execve(python, argv, cfg["env"])
 """
 
 # Runs in the sandboxed interpreter before the user's code: the audit hook, then the code.
@@ -286,7 +287,7 @@ def _run(
         os.close(report_w)
         report_w = -1
         try:
-            out, err, reason = _collect(proc, start + timeout_s, cap)
+            (out, err), reason = _collect(proc, start + timeout_s, cap)
         finally:
             _kill_all(proc, uid)
         layers = _read_report(report_r)
@@ -306,34 +307,33 @@ def _run(
 
 
 def _collect(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
-    """Read stdout and stderr until both close, the deadline passes or one exceeds ``cap``
-    bytes; return what was read (at most ``cap`` bytes each) and why it was cut short."""
+    """Read stdout and stderr until the program has exited and its output is drained, the
+    deadline passes, or one stream exceeds ``cap`` bytes; return what was read (at most
+    ``cap`` bytes each) and why the run was cut short, if it was. Children the program
+    left behind may hold the pipes open: they do not keep the run alive."""
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
-    reason = None
     with selectors.DefaultSelector() as sel:
         for stream in bufs:
             sel.register(stream, selectors.EVENT_READ)
-        while sel.get_map():
+        while True:
+            exited = proc.poll() is not None
             left = deadline - time.monotonic()
-            if left <= 0:
-                reason = "timeout"
-                break
-            for key, _ in sel.select(timeout=min(left, 0.5)):
+            if left <= 0:  # (after an exit: children still writing)
+                return _capped(bufs, proc, cap), None if exited else "timeout"
+            ready = sel.select(timeout=0 if exited else min(left, 0.05)) if sel.get_map() else []
+            for key, _ in ready:
                 chunk = os.read(key.fileobj.fileno(), 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)
-                    continue
                 bufs[key.fileobj] += chunk
-                if len(bufs[key.fileobj]) > cap:
-                    reason = "output limit"
-            if reason:
-                break
-    if reason is None:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            reason = "timeout"
-    return bytes(bufs[proc.stdout][:cap]), bytes(bufs[proc.stderr][:cap]), reason
+            if any(len(b) > cap for b in bufs.values()):
+                return _capped(bufs, proc, cap), "output limit"
+            if exited and not ready:
+                return _capped(bufs, proc, cap), None
+
+
+def _capped(bufs: dict, proc: subprocess.Popen, cap: int) -> tuple[bytes, bytes]:
+    return bytes(bufs[proc.stdout][:cap]), bytes(bufs[proc.stderr][:cap])
 
 
 def _kill_all(proc: subprocess.Popen, uid: int | None) -> None:
