@@ -168,6 +168,30 @@ def import_(
     typer.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer.json)")
 
 
+def _register_sft() -> None:
+    """`glassbox sft BASE --data ...`: supervised fine-tuning (chat full/LoRA, or domain)."""
+    from glassbox.train.sft import SFTConfig
+
+    def _sft(cfg: SFTConfig, explicit: set[str]) -> None:
+        from glassbox.train.sft import sft
+
+        last = sft(cfg, explicit)
+        if last:
+            keys = ("train_loss", "val_loss", "accuracy", "val_bpb", "orig_val_bpb")
+            shown = ", ".join(f"{k} {last[k]:.4f}" for k in keys if k in last)
+            typer.echo(f"done: step {last['step']}, {shown}; wrote {last['out']}/")
+
+    app.command(
+        "sft",
+        help="Supervised fine-tuning from a trained model: chat data with the loss on "
+        "assistant tokens (full, or LoRA with --lora-rank), or --mode domain on a corpus; "
+        "writes an ordinary checkpoint (LoRA: merged weights + adapter.safetensors).",
+    )(config_command(SFTConfig, _sft, positional="base"))
+
+
+_register_sft()
+
+
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, no traceback."""
     try:
