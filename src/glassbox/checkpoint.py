@@ -270,7 +270,7 @@ class Loaded:
 
 Loader = Callable[[Path, dict, torch.device], Loaded]
 LOADERS: dict[str, Loader] = {}
-_BUILTIN_LOADERS = ("glassbox.model", "glassbox.diffusion.model")
+_BUILTIN_LOADERS = ("glassbox.model", "glassbox.diffusion.model", "glassbox.train.reward")
 
 
 def register_loader(architecture: str) -> Callable[[Loader], Loader]:

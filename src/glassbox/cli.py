@@ -192,6 +192,32 @@ def _register_sft() -> None:
 _register_sft()
 
 
+def _register_reward() -> None:
+    """`glassbox reward BASE`: a reward model trained on preference pairs."""
+    from glassbox.train.reward import RewardConfig
+
+    def _reward(cfg: RewardConfig, explicit: set[str]) -> None:
+        from glassbox.train.reward import train_reward
+
+        last = train_reward(cfg, explicit)
+        if last:
+            typer.echo(
+                f"done: step {last['step']}, val_accuracy {last.get('val_accuracy', 0):.3f}, "
+                f"val_margin {last.get('val_margin', 0):.3f} ({last['train_pairs']} training, "
+                f"{last['val_pairs']} held-out pairs, {last['dropped']} too long); wrote "
+                f"{cfg.out}/ (a reward checkpoint)"
+            )
+
+    app.command(
+        "reward",
+        help="Train a reward model (scalar head, Bradley-Terry loss) on preference pairs; "
+        "PPO reads its checkpoint with --reward.",
+    )(config_command(RewardConfig, _reward, positional="base"))
+
+
+_register_reward()
+
+
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, no traceback."""
     try:

@@ -1,0 +1,145 @@
+"""Reward model: Bradley-Terry on pairs, the reward checkpoint, and its loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from glassbox.checkpoint import load_checkpoint, load_model_dir
+from glassbox.errors import GlassboxError
+from glassbox.track import read_metrics
+from glassbox.train.finetune import load_start
+from glassbox.train.reward import (
+    RewardConfig,
+    RewardModel,
+    bradley_terry_loss,
+    last_token_index,
+    pad_right,
+    train_reward,
+)
+
+# A separable toy set: the chosen answer is always the correct sum, the rejected one is
+# off by one; the prompts differ, so the model must read the answer token.
+QUESTIONS = [(a, b) for a in range(2, 9) for b in range(1, 6)]
+
+
+def write_pairs(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def toy_pairs(path, conversational: bool = True) -> str:
+    rows = []
+    for a, b in QUESTIONS:
+        q, good, bad = f"What is {a} + {b}?", "yes", "no"
+        if conversational:
+            rows.append({
+                "prompt": [{"role": "user", "content": q}],
+                "chosen": [{"role": "assistant", "content": good}],
+                "rejected": [{"role": "assistant", "content": bad}],
+            })  # fmt: skip
+        else:
+            rows.append({"prompt": q, "chosen": " " + good, "rejected": " " + bad})
+    return write_pairs(path, rows)
+
+
+def test_bradley_terry_loss_is_the_formula():
+    rc, rr = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 0.0])
+    m = torch.tensor([1.0, 0.0])
+    expected = -(torch.sigmoid(torch.tensor([0.5, -1.0])).log()).mean()
+    torch.testing.assert_close(bradley_terry_loss(rc, rr, m), expected)
+    centered = bradley_terry_loss(rc, rr, m, center_coef=0.1)
+    torch.testing.assert_close(centered, expected + 0.1 * torch.tensor([2.5**2, 1.0]).mean())
+
+
+def test_forward_reads_the_last_real_token(base_dir):
+    lm, tok, _ = load_start(str(base_dir), torch.device("cpu"))
+    model = RewardModel.from_language_model(lm).eval()
+    ids, mask = pad_right([[5, 6, 7], [8, 9], [10]], tok.pad_id)
+    assert last_token_index(mask).tolist() == [2, 1, 0]
+    batched = model(ids, mask)
+    alone = torch.cat([model(ids[i : i + 1, : n], mask[i : i + 1, : n]) for i, n in
+                       enumerate([3, 2, 1])])  # fmt: skip
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    ids2 = ids.clone()
+    ids2[1, 2] = 11  # a different pad token changes nothing: padding is after the last token
+    torch.testing.assert_close(model(ids2, mask), batched)
+
+
+def test_training_separates_a_toy_set_and_round_trips(base_dir, tmp_path):
+    data = toy_pairs(tmp_path / "pairs.jsonl")
+    cfg = RewardConfig(
+        base=str(base_dir), out=str(tmp_path / "rm"), data=data, eval_data=data, lr=3e-3,
+        batch_size=8, max_steps=40, eval_interval=20, log_interval=5, warmup_steps=2,
+    )  # fmt: skip
+    last = train_reward(cfg)
+    rows = read_metrics(tmp_path / "rm" / "metrics.jsonl")
+    first = rows[0]["train_loss"]
+    assert last["val_accuracy"] == 1.0, last
+    assert last["train_loss"] < 0.5 * first, (first, last)
+    assert last["val_margin"] > 1.0
+    loaded = load_checkpoint(tmp_path / "rm")
+    assert loaded.architecture == "reward" and isinstance(loaded.model, RewardModel)
+    assert not loaded.model.training and loaded.record["stage"] == "reward"
+    prompts = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in QUESTIONS[:4]]
+    good = loaded.model.score_texts(loaded.tokenizer, prompts, ["yes"] * 4)
+    bad = loaded.model.score_texts(loaded.tokenizer, prompts, ["no"] * 4)
+    assert good.shape == (4,) and bool((good > bad).all())
+    # the same scores as the in-memory model at the end of training (rebuilt: same weights)
+    again = load_checkpoint(tmp_path / "rm").model.score_texts(loaded.tokenizer, prompts,
+                                                               ["yes"] * 4)  # fmt: skip
+    torch.testing.assert_close(good, again, rtol=0, atol=0)
+    with pytest.raises(GlassboxError, match="'reward' checkpoint"):
+        load_model_dir(tmp_path / "rm")
+    with pytest.raises(GlassboxError, match="start from a language model"):
+        load_start(str(tmp_path / "rm"), torch.device("cpu"))
+
+
+def test_weights_equal_the_in_memory_model(base_dir, tmp_path):
+    data = toy_pairs(tmp_path / "pairs.jsonl", conversational=False)
+    cfg = RewardConfig(base=str(base_dir), out=str(tmp_path / "rm"), data=data, batch_size=4,
+                       max_steps=2, eval_interval=2, val_fraction=0.2)  # fmt: skip
+    train_reward(cfg)
+    model = load_checkpoint(tmp_path / "rm").model
+    base = load_checkpoint(base_dir).model
+    assert set(model.state_dict()) == {f"body.{k}" for k in base.state_dict()
+                                       if k != "lm_head.weight"} | {"head.weight", "head.bias"}
+    changed = [k for k, v in base.state_dict().items() if k != "lm_head.weight"
+               and not torch.equal(v, model.state_dict()[f"body.{k}"])]  # fmt: skip
+    assert changed, "two optimizer steps changed no body weight"
+
+
+def test_bad_settings_and_data_are_refused(base_dir, tmp_path):
+    bad = write_pairs(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "a", "rejected": "b"},
+                                               {"prompt": "x", "chosen": "a"}])  # fmt: skip
+    cfg = RewardConfig(base=str(base_dir), out=str(tmp_path / "a"), data=bad)
+    with pytest.raises(GlassboxError, match=r"bad.jsonl:2 has no 'rejected' field"):
+        train_reward(cfg)
+    with pytest.raises(GlassboxError, match="--center-coef=-1"):
+        train_reward(RewardConfig(base=str(base_dir), out=str(tmp_path / "b"), center_coef=-1))
+    with pytest.raises(GlassboxError, match="--noise=0.2 applies to builtin:preferences"):
+        train_reward(RewardConfig(base=str(base_dir), out=str(tmp_path / "c"), data=bad,
+                                  noise=0.2))  # fmt: skip
+
+
+def glassbox(*args, cwd):
+    cmd = [sys.executable, "-m", "glassbox.cli", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_cli_trains_a_reward_model_and_generate_refuses_it(base_dir, tmp_path):
+    data = toy_pairs(tmp_path / "pairs.jsonl")
+    proc = glassbox("reward", base_dir, "--data", data, "--out", "rm", "--max-steps", "4",
+                    "--batch-size", "4", "--eval-interval", "2", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "val_accuracy" in proc.stdout
+    assert json.loads((tmp_path / "rm" / "config.json").read_text())["architecture"] == "reward"
+    refused = glassbox("generate", "rm", "--prompt", "hi", cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "'reward' checkpoint" in refused.stderr and "not a language model" in refused.stderr
+    missing = glassbox("reward", base_dir, "--data", "nope.jsonl", "--out", "x", cwd=tmp_path)
+    assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
