@@ -218,6 +218,53 @@ def _register_reward() -> None:
 _register_reward()
 
 
+def _register_ppo() -> None:
+    """`glassbox ppo BASE --reward RM_DIR`: PPO against a reward model, with a KL anchor."""
+    from glassbox.train.ppo import PPOConfig
+
+    def _ppo(cfg: PPOConfig, explicit: set[str]) -> None:
+        from glassbox.train.ppo import run
+
+        last = run(cfg, explicit)
+        _report_rl(cfg.out, last, ("rm_score", "true_accuracy", "kl", "heldout_accuracy"))
+
+    app.command(
+        "ppo",
+        help="PPO from a trained model against a reward model (--reward), with a KL penalty "
+        "to the starting model; writes an ordinary checkpoint and overoptimization.png.",
+    )(config_command(PPOConfig, _ppo, positional="base"))
+
+
+def _report_rl(out: str, last: dict, keys: tuple[str, ...]) -> None:
+    """The last metrics row of an RL run, one line."""
+    if last:
+        shown = ", ".join(f"{k} {last[k]:.3f}" for k in keys if k in last)
+        typer.echo(f"done: step {last['step']}, {shown}; wrote {out}/")
+
+
+_register_ppo()
+
+
+def _register_grpo() -> None:
+    """`glassbox grpo BASE --tasks builtin:tasks`: GRPO on the task checkers' rewards."""
+    from glassbox.train.grpo import GRPOConfig
+
+    def _grpo(cfg: GRPOConfig, explicit: set[str]) -> None:
+        from glassbox.train.grpo import run
+
+        last = run(cfg, explicit)
+        _report_rl(cfg.out, last, ("reward", "heldout_accuracy"))
+
+    app.command(
+        "grpo",
+        help="GRPO from a trained model on verifiable tasks (rewards from their checkers, "
+        "group-relative advantages, no critic); writes an ordinary checkpoint.",
+    )(config_command(GRPOConfig, _grpo, positional="base"))
+
+
+_register_grpo()
+
+
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, no traceback."""
     try:

@@ -32,6 +32,9 @@ import torch
 
 from glassbox import checkpoint as ckpt
 from glassbox.errors import GlassboxError
+from glassbox.infer.engine import Engine
+from glassbox.infer.rollout import Rollout
+from glassbox.infer.sampling import SamplingParams
 from glassbox.track import progress_bar
 from glassbox.train import distributed as dist_
 from glassbox.train.optim import finished, lr_at, run_progress, set_lr
@@ -222,6 +225,34 @@ def restore_stage(
     torch.set_rng_state(rng["torch_rng"])
     gen.set_state(rng["data_rng"].clone())
     return snap.step, snap.state
+
+
+# --------------------------------------------------------------------------------------
+# Rollouts for the RL stages (PPO, GRPO)
+# --------------------------------------------------------------------------------------
+
+
+def sample_rollouts(
+    engine: Engine,
+    prompts: list[list[int]],
+    n: int,
+    params: SamplingParams,
+    max_tokens: int,
+) -> list[Rollout]:
+    """``n`` samples of every prompt through the run's one engine (prompt-major order),
+    with its model in eval mode for the rollout and back in train mode after."""
+    model = engine.model
+    model.eval()
+    try:
+        return engine.generate_batch(prompts, n, params, max_tokens)
+    finally:
+        model.train()
+
+
+def completion_text(tokenizer, rollout: Rollout) -> str:
+    """A rollout's generated text, without the stop token that ended it."""
+    ids = rollout.tokens[:-1] if rollout.finish_reason == "stop" else rollout.tokens
+    return tokenizer.decode(ids)
 
 
 # --------------------------------------------------------------------------------------
