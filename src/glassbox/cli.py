@@ -218,6 +218,35 @@ def _register_reward() -> None:
 _register_reward()
 
 
+def _register_dpo() -> None:
+    """`glassbox dpo BASE`: direct preference optimization against a frozen reference."""
+    from glassbox.train.dpo import DPOConfig
+
+    def _dpo(cfg: DPOConfig, explicit: set[str]) -> None:
+        from glassbox.train.dpo import train_dpo
+
+        last = train_dpo(cfg, explicit)
+        if last:
+            tasks = (
+                f", task_accuracy {last['task_accuracy']:.3f}" if "task_accuracy" in last else ""
+            )
+            typer.echo(
+                f"done: step {last['step']}, val_accuracy {last.get('val_accuracy', 0):.3f}, "
+                f"val_margin {last.get('val_margin', 0):.3f}{tasks} ({last['train_pairs']} "
+                f"training, {last['val_pairs']} held-out pairs, {last['dropped']} too long); "
+                f"wrote {cfg.out}/"
+            )
+
+    app.command(
+        "dpo",
+        help="Direct preference optimization (sigmoid or IPO loss) on preference pairs; "
+        "writes an ordinary language-model checkpoint.",
+    )(config_command(DPOConfig, _dpo, positional="base"))
+
+
+_register_dpo()
+
+
 def _register_ppo() -> None:
     """`glassbox ppo BASE --reward RM_DIR`: PPO against a reward model, with a KL anchor."""
     from glassbox.train.ppo import PPOConfig

@@ -106,8 +106,9 @@ def test_weights_equal_the_in_memory_model(base_dir, tmp_path):
     train_reward(cfg)
     model = load_checkpoint(tmp_path / "rm").model
     base = load_checkpoint(base_dir).model
-    assert set(model.state_dict()) == {f"body.{k}" for k in base.state_dict()
-                                       if k != "lm_head.weight"} | {"head.weight", "head.bias"}
+    assert set(model.state_dict()) == {
+        f"body.{k}" for k in base.state_dict() if k != "lm_head.weight"
+    } | {"head.weight", "head.bias"}
     changed = [k for k, v in base.state_dict().items() if k != "lm_head.weight"
                and not torch.equal(v, model.state_dict()[f"body.{k}"])]  # fmt: skip
     assert changed, "two optimizer steps changed no body weight"

@@ -281,6 +281,10 @@ class PreferenceSets:
     val: list[PairTokens]
     dropped: int
 
+    def counts(self) -> dict[str, int]:
+        """Pairs trained on, held out, and dropped as too long (for records and reports)."""
+        return {"train_pairs": len(self.train), "val_pairs": len(self.val), "dropped": self.dropped}
+
 
 def load_preference_sets(cfg: PreferenceDataConfig, tok, context: int, seed: int):
     """Training and held-out pairs for ``cfg`` (see :class:`PreferenceDataConfig`),

@@ -255,12 +255,8 @@ def train_reward(cfg: RewardConfig, explicit: set[str] | None = None) -> dict[st
         return evaluate_pairs(model, sets.val, 2 * cfg.batch_size, tok.pad_id, device)
 
     def save(step: int) -> None:
-        record = {"architecture": "reward", "pairs": _counts(sets)}
+        record = {"architecture": "reward", "pairs": sets.counts()}
         save_stage(run, step, model, tok, optimizers, gen, record=record)
 
     last = train_loop(run, step, optimizers, one_step, save, evaluate, title="reward model")
-    return last | _counts(sets)
-
-
-def _counts(sets) -> dict[str, int]:
-    return {"train_pairs": len(sets.train), "val_pairs": len(sets.val), "dropped": sets.dropped}
+    return last | sets.counts()
