@@ -21,10 +21,11 @@ and the value loss shapes the same features the policy uses. TRL's PPO trainer i
 keeps a separate value model (a copy of the reward model, its own trunk) so the critic
 cannot disturb the policy's features; it pays a second full model for that.
 
-The policy's "old" log-probabilities are the rollout's own (the engine returns the
-raw-logit log-probabilities of the model that sampled); the reference is a frozen copy
-of the starting model. Snapshots keep the policy, the value head, both optimizers, the
-adaptive coefficient and the RNG state, so ``--resume`` continues exactly.
+The policy's "old" log-probabilities are recomputed with a full forward pass (which also
+gives the values), the same computation as the reference's, a frozen copy of the
+starting model: so the KL is exactly 0 while the two are equal. Snapshots keep the
+policy, the value head, both optimizers, the adaptive coefficient and the RNG state, so
+``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -163,8 +164,8 @@ class PPOConfig(FinetuneConfig):
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """``x`` scaled to unit variance over the masked entries (and to zero mean when
-    ``shift_mean``); entries outside the mask come back as 0."""
+    """``x`` scaled to unit variance over the masked entries, with zero mean when
+    ``shift_mean`` (advantages) or its own mean kept (rewards); 0 outside the mask."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
@@ -234,6 +235,34 @@ def adapt_kl_coef(coef: float, kl: float, target: float, n_samples: int, horizon
     ``e = clip(kl / target - 1, -0.2, 0.2)``."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return coef * (1.0 + error * n_samples / horizon)
+
+
+@torch.no_grad()
+def rollout_forward(
+    model: nn.Module, value_head: nn.Module, reference: nn.Module, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass of the policy (log-probs and values from the same hidden states) and one
+    of the reference over rollouts ``ids`` (N, L): (logp, ref_logp, values), each
+    (N, L-1). The policy's log-probs are recomputed here, not taken from the engine, so
+    the policy and the reference go through the same computation and their KL is
+    exactly 0 while they are equal (the engine's cached decode differs by rounding)."""
+    with autocast(ids.device):
+        hidden = model.hidden(ids)  # (N, L, C)
+        logp = gather_logprobs(model.lm_head(hidden), ids)  # (N, L-1)
+        ref_logp = gather_logprobs(reference(ids), ids)  # (N, L-1)
+        values = value_head(hidden[:, :-1].float()).squeeze(-1)  # (N, L-1)
+    return logp, ref_logp, values
+
+
+def token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards (N, T): ``-kl_coef * kl`` at every completion token, plus the
+    reward model's score (N,) at each row's last completion token."""
+    rewards = -kl_coef * kl * mask.to(kl.dtype)
+    last = last_token_index(mask)  # (N,)
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -327,15 +356,12 @@ def run(cfg: PPOConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     @torch.no_grad()
     def advantages(batch, scores: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-token rewards with the KL penalty, values, GAE and whitening."""
-        ids, mask = batch.input_ids, batch.completion_mask[:, 1:]  # mask (N, L-1)
-        old_logp = batch.logprobs[:, 1:]  # (N, L-1) the rollout's own
-        with autocast(device):
-            ref_logp = gather_logprobs(reference(ids), ids)  # (N, L-1)
-            old_values = value_head(model.hidden(ids)[:, :-1].float()).squeeze(-1)  # (N, L-1)
+        mask = batch.completion_mask[:, 1:]  # (N, L-1)
+        old_logp, ref_logp, old_values = rollout_forward(
+            model, value_head, reference, batch.input_ids
+        )
         kl = (old_logp - ref_logp) * mask  # (N, L-1)
-        rewards = -kl_coef * kl
-        last = last_token_index(mask)  # (N,)
-        rewards[torch.arange(len(scores)), last] += scores
+        rewards = token_rewards(scores, kl, mask, kl_coef)
         if cfg.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
