@@ -330,6 +330,9 @@ def run(cfg: GRPOConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     def save(step: int) -> None:
         save_stage(run_, step, model, tok, optimizers, gen)
 
+    if run_.snapshot is None and cfg.eval_limit > 0:  # the starting point, for comparison
+        with run_.clock.paused():
+            run_.log({"step": 0} | evaluate_heldout())
     plot = ("loss", "reward", "heldout_accuracy")
     return train_loop(run_, step, optimizers, one_step, save, evaluate_heldout, plot, "GRPO")
 
@@ -369,7 +372,8 @@ def heldout_accuracy(
 
 
 def eval_row(report) -> dict[str, float]:
-    """The metrics-row entries of an EvalReport."""
-    return {"heldout_accuracy": report.accuracy} | {
-        f"heldout_{f}": acc for f, acc in sorted(report.by_family.items())
-    }
+    """The metrics-row entries of an EvalReport: ``heldout_<family>`` greedy accuracy and
+    ``heldout_accuracy``, their mean over families."""
+    fams = {f: float(v) for f, v in sorted(report.family_accuracy().items())}
+    mean = sum(fams.values()) / max(len(fams), 1)
+    return {f"heldout_{f}": v for f, v in fams.items()} | {"heldout_accuracy": mean}

@@ -432,7 +432,10 @@ def run(cfg: PPOConfig, explicit: set[str] | None = None) -> dict[str, Any]:
         )  # fmt: skip
         plot_overoptimization(run_.out / "metrics.jsonl", run_.out / "overoptimization.png")
 
-    plot = ("policy_loss", "value_loss", "rm_score", "true_accuracy")
+    if run_.snapshot is None and cfg.eval_limit > 0:  # the starting point, for comparison
+        with run_.clock.paused():
+            run_.log({"step": 0} | evaluate_heldout())
+    plot = ("policy_loss", "value_loss", "rm_score", "true_accuracy", "heldout_accuracy")
     return train_loop(run_, step, optimizers, one_step, save, evaluate_heldout, plot, "PPO")
 
 
