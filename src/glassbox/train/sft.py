@@ -50,6 +50,8 @@ from glassbox.train.optim import build_optimizers
 
 BUILTIN_TASKS = "builtin:tasks"
 MODES = ("chat", "domain")
+# How much validation a run does may also change on resume.
+SFT_MAY_CHANGE = RESUME_MAY_CHANGE | {"eval_tokens"}
 Messages = list[dict[str, str]]
 
 
@@ -246,28 +248,20 @@ class Batch:
 def _rows_to_batch(rows: list[list[Example]], width: int, pad_id: int, packed: bool) -> Batch:
     """Lay out rows of examples into (B, width) tensors; the tail of a row is padding
     (its own segment, positions from 0, never in the loss)."""
-    B = len(rows)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    targets = torch.full((B, width), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, width, dtype=torch.bool)
-    pos = torch.zeros(B, width, dtype=torch.long)
-    seg = torch.zeros(B, width, dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for s, ex in enumerate(row):
-            n = len(ex.ids)
-            ids[r, at : at + n] = torch.tensor(ex.ids)
-            targets[r, at : at + n] = torch.tensor(ex.targets)
-            mask[r, at : at + n] = torch.tensor(ex.mask, dtype=torch.bool)
-            pos[r, at : at + n] = torch.arange(n)
-            seg[r, at : at + n] = s
-            at += n
-        pos[r, at:] = torch.arange(width - at)
-        seg[r, at:] = len(row)  # padding: a segment of its own
+    ids, targets, mask, pos, seg = [], [], [], [], []
+    for row in rows:
+        pad = width - sum(len(ex.ids) for ex in row)
+        ids.append([t for ex in row for t in ex.ids] + [pad_id] * pad)
+        targets.append([t for ex in row for t in ex.targets] + [pad_id] * pad)
+        mask.append([m for ex in row for m in ex.mask] + [0] * pad)
+        pos.append([p for ex in row for p in range(len(ex.ids))] + list(range(pad)))
+        seg.append([s for s, ex in enumerate(row) for _ in ex.ids] + [len(row)] * pad)
     n_tokens = sum(len(ex.ids) for row in rows for ex in row)
+    ids_t, targets_t = torch.tensor(ids), torch.tensor(targets)  # (B, width) each
+    mask_t = torch.tensor(mask, dtype=torch.bool)
     if not packed:
-        return Batch(ids, targets, mask, n_tokens=n_tokens)
-    return Batch(ids, targets, mask, pos, seg, n_tokens)
+        return Batch(ids_t, targets_t, mask_t, n_tokens=n_tokens)
+    return Batch(ids_t, targets_t, mask_t, torch.tensor(pos), torch.tensor(seg), n_tokens)
 
 
 def pack(examples: list[Example], seq_len: int, batch_size: int = 16) -> list[Batch]:
@@ -445,7 +439,7 @@ def sft(cfg: SFTConfig, explicit: set[str] | None = None) -> dict:
     ``explicit`` names the settings the user gave (see ``Run.open``); on resume the
     others come from the saved run.
     """
-    run, device = open_stage(cfg, "sft", explicit, RESUME_MAY_CHANGE)
+    run, device = open_stage(cfg, "sft", explicit, SFT_MAY_CHANGE)
     cfg = run.cfg
     model, tok, record = load_start(cfg.base, device)
     seq_len = min(cfg.seq_len or model.cfg.context_length, model.cfg.context_length)
@@ -468,8 +462,8 @@ def sft(cfg: SFTConfig, explicit: set[str] | None = None) -> dict:
         seek(state.get("data", {}))
     print(
         f"sft ({cfg.mode}{f', LoRA rank {cfg.lora_rank}' if cfg.lora_rank else ', full'}): "
-        f"{lora_.trainable_parameters(model) / 1e6:.3f}M of {model.num_params() / 1e6:.2f}M "
-        f"base parameters train; seq_len {seq_len}; {info}"
+        f"{lora_.trainable_parameters(model) / 1e6:.3f}M of {model.num_params() / 1e6:.3f}M "
+        f"parameters train; seq_len {seq_len}; {info}"
         + (f"; resuming at step {step}" if run.snapshot else "")
     )
     if run.snapshot is None and evaluate is not None:  # the starting point, for comparison
