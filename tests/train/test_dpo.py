@@ -16,6 +16,7 @@ from glassbox.data.preferences import collate, encode_pair, load_pairs
 from glassbox.errors import GlassboxError
 from glassbox.track import read_metrics
 from glassbox.train.dpo import DPOConfig, completion_logprobs, dpo_loss, pair_loss, train_dpo
+from glassbox.train.logprobs import masked_sum, sequence_logprobs
 
 PAIRS = [
     ("What is 4 + 5?", "9", "10"),
@@ -142,7 +143,8 @@ def test_loss_equals_trl_dpo_trainer(base_dir, policy_dir, tmp_path):
 
 def common(base_dir, data, **kw):
     return dict(base=str(base_dir), data=data, eval_data=data, batch_size=2, log_interval=1,
-                eval_interval=3, warmup_steps=1, lr=1e-3, max_steps=6, seed=3) | kw  # fmt: skip
+                eval_interval=3, warmup_steps=1, lr=1e-3, max_steps=6, seed=3,
+                eval_tasks=None) | kw  # fmt: skip
 
 
 def test_steps_change_weights_and_resume_exactly(base_dir, tmp_path):
@@ -183,6 +185,8 @@ def test_one_step_lowers_the_loss_of_its_batch(base_dir, tmp_path):
     assert after.item() < before.item()
     torch.testing.assert_close(completion_logprobs(reference, batch),
                                by_hand(reference, batch.ids, batch.completion_mask))  # fmt: skip
+    full = masked_sum(sequence_logprobs(policy, batch.ids), batch.completion_mask[:, 1:])
+    torch.testing.assert_close(completion_logprobs(policy, batch), full, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_settings_are_refused(base_dir, tmp_path):
@@ -204,7 +208,7 @@ def test_cli_runs_dpo(base_dir, tmp_path):
     data = write_pairs(tmp_path / "p.jsonl")
     proc = glassbox("dpo", base_dir, "--data", data, "--eval-data", data, "--out", "dpo",
                     "--max-steps", "2", "--batch-size", "2", "--eval-interval", "2",
-                    cwd=tmp_path)  # fmt: skip
+                    "--eval-tasks", "none", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val_accuracy" in proc.stdout
     assert json.loads((tmp_path / "dpo" / "config.json").read_text())["stage"] == "dpo"
