@@ -81,7 +81,7 @@ def test_one_step_changes_the_policy_and_writes_a_loadable_checkpoint(
 ):
     before, _, _ = load_model_dir(base_dir)
     # beta > 0 so the reference model and KL path run too
-    last = run(_cfg(base_dir, tmp_path / "g", task_file, max_steps=1, beta=0.1))
+    last = run(_cfg(base_dir, tmp_path / "g", task_file, max_steps=1, beta=0.1, eval_limit=1))
     after, _, record = load_model_dir(tmp_path / "g")
     assert record["stage"] == "grpo"
     old = before.state_dict()
@@ -93,6 +93,11 @@ def test_one_step_changes_the_policy_and_writes_a_loadable_checkpoint(
     assert last["kl"] == pytest.approx(0.0, abs=1e-5)  # first step: policy == reference
     assert 0 < last["reward"] < 1 and last["zero_var_groups"] < 1
     assert {"acc_vowel", "acc_consonant"} & set(last)
+    # held-out greedy accuracy through glassbox.tasks.evaluate, at step 0 and at the end
+    rows = read_metrics(tmp_path / "g" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1]
+    for row in rows:
+        assert 0 <= row["heldout_accuracy"] <= 1 and "heldout_vowel" in row
 
 
 def test_resume_repeats_the_uninterrupted_run(base_dir, tmp_path, task_file):

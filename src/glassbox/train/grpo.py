@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from glassbox.conversation import encode_prompt
 from glassbox.device import autocast
 from glassbox.errors import GlassboxError
 from glassbox.infer.engine import Engine
@@ -193,17 +192,12 @@ def token_level_loss(
 # --------------------------------------------------------------------------------------
 
 
-def prompt_ids(tokenizer, task) -> list[int]:
-    """A task's prompt as ids: a chat turn + assistant header, or raw text to continue."""
-    if task.chat:
-        return encode_prompt(tokenizer, [{"role": "user", "content": task.prompt}])
-    return tokenizer.encode(task.prompt)
-
-
 def fitting_prompts(
     tokenizer, tasks: list, context_length: int, max_tokens: int, spec: str
 ) -> tuple[list, list[list[int]]]:
     """The tasks whose prompt + ``max_tokens`` fit the context, and their prompt ids."""
+    from glassbox.tasks.evaluate import prompt_ids  # the ids evaluation uses, too
+
     kept, ids = [], []
     for task in tasks:
         p = prompt_ids(tokenizer, task)
@@ -365,7 +359,8 @@ def heldout_accuracy(
         return {}
     model.eval()
     try:
-        report = evaluate(model, tokenizer, chosen, max_tokens=max_tokens)
+        report = evaluate(model, tokenizer, chosen, max_tokens=max_tokens, max_seqs=64,
+                          show_progress=False)  # fmt: skip
     finally:
         model.train()
     return eval_row(report)
@@ -374,6 +369,6 @@ def heldout_accuracy(
 def eval_row(report) -> dict[str, float]:
     """The metrics-row entries of an EvalReport: ``heldout_<family>`` greedy accuracy and
     ``heldout_accuracy``, their mean over families."""
-    fams = {f: float(v) for f, v in sorted(report.family_accuracy().items())}
+    fams = {r.family: float(r.accuracy) for r in report.rows}
     mean = sum(fams.values()) / max(len(fams), 1)
     return {f"heldout_{f}": v for f, v in fams.items()} | {"heldout_accuracy": mean}
