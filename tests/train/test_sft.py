@@ -244,3 +244,18 @@ def test_cli_end_to_end_lora_checkpoint_generates(base_dir, tmp_path):
     bad = glassbox("sft", base_dir, "--data", "bad.jsonl", "--out", "x", cwd=tmp_path)
     assert bad.returncode == 2 and "bad.jsonl:1" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_heldout_task_accuracy_is_logged_and_rises(base_dir, tmp_path):
+    hello = [{"role": "user", "content": "Say apple"}, {"role": "assistant", "content": "apple"}]
+    data = tmp_path / "hello.jsonl"
+    data.write_text((json.dumps({"messages": hello}) + "\n") * 8)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"prompt": "Say apple", "answer": "apple", "family": "echo"}))
+    cfg = SFTConfig(base=str(base_dir), data=[str(data)], out=str(tmp_path / "t"), batch_size=4,
+                    max_steps=30, eval_interval=30, lr=1e-2, warmup_steps=2,
+                    eval_tasks=str(tasks), packing=False)  # fmt: skip
+    last = sft(cfg)
+    first = read_metrics(tmp_path / "t" / "metrics.jsonl")[0]
+    assert first["step"] == 0 and first["acc_echo"] == first["accuracy"] == 0.0
+    assert last["acc_echo"] == last["accuracy"] == 1.0
