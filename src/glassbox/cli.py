@@ -294,6 +294,59 @@ def _register_grpo() -> None:
 _register_grpo()
 
 
+def _register_eval() -> None:
+    """`glassbox eval RUN_DIR --tasks ...`: checker accuracy and pass@k per task family."""
+
+    @app.command("eval")
+    def eval_(
+        run_dir: Annotated[str, typer.Argument(help="Checkpoint directory.")],
+        tasks: Annotated[
+            str, typer.Option(help="builtin:tasks, builtin:humaneval-sample or a .jsonl file.")
+        ] = "builtin:tasks",
+        split: Annotated[str, typer.Option(help="builtin:tasks split: heldout or train.")] = (
+            "heldout"
+        ),
+        limit: Annotated[int | None, typer.Option(help="At most N tasks per family.")] = None,
+        n: Annotated[int, typer.Option(help="Samples per task.")] = 1,
+        k: Annotated[list[int] | None, typer.Option(help="pass@k to report (repeatable).")] = None,
+        temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+        max_tokens: Annotated[int, typer.Option(help="New tokens per completion.")] = 64,
+        seed: int = 0,
+        max_seqs: Annotated[int, typer.Option(help="Sequences decoded at once.")] = 16,
+        workers: Annotated[int, typer.Option(help="Code checks run in parallel.")] = 2,
+        out: Annotated[
+            str | None,
+            typer.Option(help="Report JSON (default: RUN_DIR/eval_<tasks>_<split>.json)."),
+        ] = None,
+        device: str = "auto",
+    ) -> None:
+        """Evaluate a model on verifiable tasks; print the table and write the JSON report
+        (per family and overall, plus every sample's completion and score) to --out, by
+        default RUN_DIR/eval_<tasks>_<split>.json (e.g. eval_builtin-tasks_heldout.json,
+        eval_mine_heldout.json for mine.jsonl)."""
+        from pathlib import Path
+
+        from glassbox.checkpoint import atomic_write_bytes, load_model_dir
+        from glassbox.device import resolve_device
+        from glassbox.tasks import load_tasks
+        from glassbox.tasks.evaluate import evaluate, limit_per_family
+
+        chosen = limit_per_family(load_tasks(tasks, split=split), limit)
+        model, tok, _ = load_model_dir(run_dir, resolve_device(device))
+        report = evaluate(
+            model, tok, chosen, n=n, k=tuple(k or [1]), temperature=temperature,
+            max_tokens=max_tokens, seed=seed, max_seqs=max_seqs, workers=workers,
+        )  # fmt: skip
+        name = tasks.replace(":", "-") if tasks.startswith("builtin:") else Path(tasks).stem
+        path = Path(out) if out else Path(run_dir) / f"eval_{name}_{split}.json"
+        atomic_write_bytes(path, report.to_json().encode())
+        typer.echo(report.table())
+        typer.echo(f"wrote {path}")
+
+
+_register_eval()
+
+
 def main() -> None:
     """Console entry point: user errors print one clear line and exit 2, no traceback."""
     try:
