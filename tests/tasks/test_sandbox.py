@@ -4,9 +4,12 @@ damage (hang, fork, eat memory, write, connect, flood) if its guard were missing
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +173,42 @@ def test_out_of_range_limits_are_clear_errors():
         run_python("pass", timeout_s=0)
     with pytest.raises(GlassboxError, match="memory_mb=1"):
         run_python("pass", memory_mb=1)
+
+
+ESCAPES = {
+    "relative path": "import os\nrel = os.path.relpath({target!r})\nopen(rel, 'w').write('x')",
+    "patched getcwd": "import os\nr = os.getcwd()\nos.getcwd = lambda: r + '/a/b/c/d/e/f/g/h'\n"
+    "open('../' * 12 + {target!r}.lstrip('/'), 'w').write('x')",
+    "patched builtins": "import builtins\nbuiltins.isinstance = lambda *a: True\n"
+    "builtins.str = lambda *a: 'inside'\nopen({target!r}, 'w').write('x')",
+    "dir_fd of a directory outside": "import os\nfd = os.open(os.path.dirname({target!r}), "
+    "os.O_RDONLY)\nos.open(os.path.basename({target!r}), os.O_WRONLY | os.O_CREAT, dir_fd=fd)",
+    "os.open": "import os\nos.open({target!r}, os.O_WRONLY | os.O_CREAT)",
+    "bytes path": "open({target!r}.encode(), 'wb').write(b'x')",
+}
+
+
+@pytest.mark.parametrize("how", sorted(ESCAPES))
+def test_the_audit_hook_refuses_writes_however_the_path_is_spelled(how):
+    """In a world-writable directory, so only the audit hook stands in the way."""
+    open_dir = Path(tempfile.mkdtemp(prefix="glassbox-test-open-"))
+    try:
+        open_dir.chmod(0o777)
+        target = open_dir / "escaped.txt"
+        result = run_python(ESCAPES[how].format(target=str(target)))
+        assert not result.passed and "sandbox:" in result.stderr, result.stderr
+        assert not target.exists()
+    finally:
+        shutil.rmtree(open_dir)
+
+
+def test_files_inside_the_sandbox_stay_usable():
+    code = (
+        "import os, shutil, tempfile\nfrom pathlib import Path\n"
+        "os.makedirs('a/b')\nPath('a/b/f.txt').write_text('hi')\nos.rename('a', 'c')\n"
+        "with tempfile.NamedTemporaryFile() as f:\n    f.write(b'x')\n"
+        "shutil.rmtree('c')\nprint(sorted(os.listdir('.')))"
+    )
+    result = run_python(code)
+    assert result.passed, result.stderr
+    assert result.stdout.strip() == "['main.py']"

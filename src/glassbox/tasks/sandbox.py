@@ -82,52 +82,100 @@ os.execve(python, argv, cfg["env"])
 
 # Runs in the sandboxed interpreter before the user's code: the audit hook, then the code.
 PRELUDE = r"""
-import os, sys
+import os, stat, sys
 def _glassbox_guard(root):
+    # Everything the hook uses is bound here, before the user's code runs: that code may
+    # replace builtins and module attributes later, not these references.
+    _type, _str, _bytes, _int, _len, _list = type, str, bytes, int, len, list
+    _isinstance, _PermissionError, _range, _repr = isinstance, PermissionError, range, repr
+    _startswith, _split, _join, _decode = str.startswith, str.split, str.join, bytes.decode
+    _getcwd, _stat, _isdir, _readlink = os.getcwd, os.stat, stat.S_ISDIR, os.readlink
     root = os.path.realpath(root)
-    refused = {
+    refused = frozenset((
         "os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn",
         "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill",
         "socket.connect", "socket.bind", "socket.getaddrinfo", "socket.gethostbyname",
         "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg",
         "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function",
         "os.symlink", "os.link", "os.mknod", "os.mkfifo",
-    }
-    paths = {
-        "os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os.chown": 1,
-        "os.utime": 1, "os.truncate": 1, "shutil.rmtree": 1, "os.rename": 2,
-        "shutil.copyfile": 2, "shutil.move": 2,
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+    ))
+    # event -> (indices of path arguments, indices of dir_fd arguments)
+    changes = {
+        "os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
+        "os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)), "os.utime": ((0,), (3,)),
+        "os.truncate": ((0,), ()), "os.rename": ((0, 1), (2, 3)), "shutil.rmtree": ((0,), (1,)),
+        "shutil.copyfile": ((1,), ()), "shutil.move": ((0, 1), ()), "os.setxattr": ((0,), ()),
+        "os.removexattr": ((0,), ()), "os.chflags": ((0,), ()),
     }
     writing = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
     busy = []
 
-    def inside(path):
-        if isinstance(path, int):
-            return True
+    def text(path):
+        # A str path (copied out of any str subclass), bytes decoded, else None.
+        if _isinstance(path, _str):
+            return _str.__str__(path)
+        if _isinstance(path, _bytes):
+            return _decode(_bytes(path), "utf-8", "surrogateescape")
+        return None
+
+    def normal(path, dir_fd=None):
+        if not _startswith(path, "/"):
+            base = _getcwd() if dir_fd is None else _readlink("/proc/self/fd/" + _str(dir_fd))
+            path = base + "/" + path
+        parts = _list()
+        for part in _split(path, "/"):
+            if part == ".." and parts:
+                parts.pop()
+            elif part not in ("", ".", ".."):
+                parts.append(part)
+        return "/" + _join("/", parts)
+
+    def inside(path, dir_fd=None):
+        if _type(path) is _int:
+            return True  # an open descriptor, checked when it was opened
+        path = text(path)
+        if path is None:
+            return False  # only str and bytes paths may change files
         try:
-            p = os.path.realpath(os.fsdecode(path))
-        except (TypeError, ValueError):
+            path = normal(path, dir_fd)
+        except OSError:
+            return False  # a dir_fd whose directory cannot be named
+        return path == root or _startswith(path, root + "/")
+
+    def directory(path):
+        path = text(path)
+        try:
+            return path is not None and _isdir(_stat(path).st_mode)
+        except OSError:
             return False
-        return p == root or p.startswith(root + os.sep)
+
+    def check(event, args):
+        if event in refused:
+            raise _PermissionError("sandbox: " + event + " is not allowed")
+        if event == "open":
+            path, mode, flags = args
+            wants = (_isinstance(mode, _str) and ("w" in mode or "a" in mode or "x" in mode
+                     or "+" in mode)) or (_isinstance(flags, _int) and flags & writing)
+            if (wants or directory(path)) and not inside(path):
+                # (a directory outside could be a dir_fd for writing relative to it)
+                raise _PermissionError("sandbox: opening " + _repr(path) + " is not allowed")
+        elif event in changes:
+            paths, dir_fds = changes[event]
+            fds = [args[i] if i < _len(args) else None for i in dir_fds]
+            fds = [fd if _type(fd) is _int and fd >= 0 else None for fd in fds]  # AT_FDCWD < 0
+            for j in _range(_len(paths)):
+                i, fd = paths[j], fds[j] if j < _len(fds) else None
+                if i < _len(args) and not inside(args[i], fd):
+                    raise _PermissionError("sandbox: " + event + " on " + _repr(args[i])
+                                           + " is not allowed")
 
     def hook(event, args):
         if busy:
             return
         busy.append(1)
         try:
-            if event in refused:
-                raise PermissionError(f"sandbox: {event} is not allowed")
-            if event == "open":
-                path, mode, flags = args
-                wants = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                    isinstance(flags, int) and flags & writing
-                )
-                if wants and not inside(path):
-                    raise PermissionError(f"sandbox: writing {path!r} outside the sandbox")
-            elif event in paths:
-                for path in args[: paths[event]]:
-                    if not inside(path):
-                        raise PermissionError(f"sandbox: {event} on {path!r} is not allowed")
+            check(event, args)
         finally:
             busy.pop()
 
@@ -273,7 +321,8 @@ def _run(
         program.write_text(code, encoding="utf-8")
         if uid is not None:
             os.chown(root, uid, uid)
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(root), "LANG": "C.UTF-8"}
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(root), "TMPDIR": str(root),
+               "LANG": "C.UTF-8"}  # fmt: skip
         cfg = {
             "netns": sys.platform == "linux", "limits": limits, "uid": uid, "python": python,
             "prelude": PRELUDE, "root": str(root), "program": str(program), "env": env,
