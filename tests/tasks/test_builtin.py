@@ -110,6 +110,12 @@ def test_json_checker_validates_the_schema_and_the_values(heldout):
     assert flag.score('{"n": 1}') == 1.0 and flag.score('{"n": true}') == 0.0
 
 
+def test_hostile_completions_score_zero_without_crashing(heldout):
+    hostile = ["[" * 100_000 + "]" * 100_000, "\x00", "\ud800", "NaN", "9" * 5000, "1e999"]
+    for task in {t.family: t for t in heldout}.values():
+        assert score_batch([task] * len(hostile), hostile) == [0.0] * len(hostile), task.family
+
+
 def test_sft_conversations_pair_prompts_with_references(heldout):
     convs = sft_conversations(heldout[:3])
     assert convs[0] == [

@@ -110,7 +110,7 @@ def check_json(task: Task, completion: str) -> bool:
 
     try:
         value = json.loads(completion.strip())
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than Python recurses
         return False
     if task.schema is not None:
         try:

@@ -318,7 +318,7 @@ def _run(
     start = time.monotonic()
     try:
         program = root / "main.py"
-        program.write_text(code, encoding="utf-8")
+        program.write_bytes(code.encode("utf-8", "surrogatepass"))  # (bad text fails to run)
         if uid is not None:
             os.chown(root, uid, uid)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(root), "TMPDIR": str(root),
