@@ -41,6 +41,7 @@ def test_splits_are_disjoint_and_deterministic(heldout):
     assert not {t.prompt for t in train} & {t.prompt for t in heldout}
     assert len({t.prompt for t in train}) == len(train)
     assert len({t.id for t in train + heldout}) == len(train) + len(heldout)
+    assert len(set(heldout)) == len(heldout)  # tasks hash (their answers may be dicts)
     again = builtin_tasks("heldout", train_size=10)  # train size never moves heldout tasks
     assert [(t.prompt, t.reference) for t in again] == [(t.prompt, t.reference) for t in heldout]
 

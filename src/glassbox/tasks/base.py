@@ -48,6 +48,9 @@ class Task:
     entry_point: str = ""
     schema: dict | None = field(default=None, compare=False)
 
+    def __hash__(self) -> int:  # answer/schema may be dicts or lists; id + prompt suffice
+        return hash((self.id, self.family, self.prompt))
+
     def score(self, completion: str) -> float:
         """1.0 if ``completion`` is correct by this task's checker, else 0.0."""
         if self.checker in SANDBOXED:
