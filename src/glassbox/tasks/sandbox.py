@@ -30,16 +30,15 @@ layers are active on this machine.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
+import secrets
 import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,8 +48,6 @@ from glassbox.errors import GlassboxError
 NOBODY = 65534
 _UID_BASE = 0x6C000000  # a range no real account uses, when the uid map covers it
 _UID_SPAN = 1 << 20
-_uid_counter = itertools.count()
-_uid_lock = threading.Lock()
 
 # Runs as the caller's user in a fresh process: limits, namespace, privilege drop, exec.
 LAUNCHER = r"""
@@ -276,15 +273,13 @@ def _fresh_uid() -> int:
     """A uid of its own for one run (so limits and the final kill touch only it)."""
     if not _uid_range_mapped(_UID_BASE, _UID_BASE + _UID_SPAN):
         return NOBODY
-    with _uid_lock:
-        n = next(_uid_counter)
-    return _UID_BASE + ((os.getpid() % 256) * 4096 + n % 4096) % _UID_SPAN
+    return _UID_BASE + secrets.randbelow(_UID_SPAN)  # concurrent runs, any process: distinct
 
 
 @functools.lru_cache(maxsize=1)
 def _identity() -> tuple[bool, str]:
-    """(whether to drop to an unprivileged uid, interpreter the sandbox runs). As root, the first
-    interpreter an unprivileged user can start (ours may live under /root)."""
+    """(whether to drop to an unprivileged uid, the interpreter the sandbox runs). As
+    root: the first interpreter an unprivileged user can start (ours may be under /root)."""
     if os.name != "posix":
         raise GlassboxError("The code sandbox needs Linux or macOS (POSIX process limits).")
     if os.geteuid() != 0:
