@@ -62,13 +62,11 @@ class DPOConfig(PreferenceDataConfig, FinetuneConfig):
     """sigmoid (DPO) or ipo (squared loss on per-token log-ratios)."""
     label_smoothing: float = 0.0
     """Conservative DPO: the assumed share of flipped votes, in [0, 0.5) (sigmoid only)."""
-    lr: float = 5e-5
-    """Peak learning rate (AdamW)."""
     batch_size: int = 16
     """Pairs per micro-batch (each pair is two sequences)."""
-    max_steps: int = 200
+    max_steps: int = 400
     """Optimizer steps; the schedule follows this or --max-minutes, whichever ends first."""
-    eval_interval: int = 50
+    eval_interval: int = 100
     """Steps between held-out evaluations (and at the end)."""
     eval_tasks: str | None = "builtin:tasks"
     """Tasks scored greedily at each evaluation (builtin:tasks heldout split, or a task

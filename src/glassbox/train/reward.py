@@ -189,10 +189,12 @@ class RewardConfig(PreferenceDataConfig, FinetuneConfig):
     """Peak learning rate (AdamW)."""
     batch_size: int = 16
     """Pairs per micro-batch (each pair is two sequences)."""
-    max_steps: int = 300
+    max_steps: int = 600
     """Optimizer steps; the schedule follows this or --max-minutes, whichever ends first."""
-    eval_interval: int = 100
+    eval_interval: int = 200
     """Steps between held-out evaluations (and at the end)."""
+    checkpoint_interval: int = 200
+    """Steps between snapshots (and at the end)."""
     center_coef: float = 0.0
     """Reward centering: adds coef * mean((r_chosen + r_rejected)^2) (0 = off; 0.01 is usual)."""
 
