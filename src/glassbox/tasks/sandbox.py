@@ -13,7 +13,8 @@ layered guards (each one catches what the others miss):
    runs as a uid of its own (a fresh one per run where the uid map allows, else
    ``nobody``), so the process limit counts only its processes, file permissions apply,
    and every process of that uid is killed when the run ends;
-4. **a network namespace** (``unshare(CLONE_NEWNET)``) where the kernel permits it: no
+4. **a network namespace** (``unshare(CLONE_NEWNET)``; for an unprivileged caller, in a
+   new user namespace mapping only its own uid) where the kernel permits it: no
    interfaces but a down loopback; silently skipped where not permitted;
 5. **an audit hook** (``sys.addaudithook``) installed before the code runs, refusing
    sockets (connect, bind, getaddrinfo, sendto), new processes (fork, exec, spawn,
@@ -54,10 +55,24 @@ LAUNCHER = r"""
 import json, os, resource, sys
 cfg = json.loads(sys.argv[1])
 layers = ["fresh process", "resource limits"]
+def own_network():
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET: needs root (CAP_SYS_ADMIN)
+        return True
+    if cfg["uid"] is not None:
+        return False
+    uid, gid = os.getuid(), os.getgid()  # unprivileged: in a user namespace of our own,
+    if libc.unshare(0x10000000 | 0x40000000) != 0:  # CLONE_NEWUSER | CLONE_NEWNET
+        return False
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                       ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)  # the same ids inside; exec then drops the namespace's capabilities
+    return True
 if cfg["netns"]:
     try:
-        import ctypes
-        if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0:
+        if own_network():
             layers.append("network namespace")
     except Exception:
         pass
@@ -381,49 +396,61 @@ def _capped(bufs: dict, proc: subprocess.Popen, cap: int) -> tuple[bytes, bytes]
 
 
 def _kill_all(proc: subprocess.Popen, uid: int | None) -> None:
-    """Kill the process group, then (as root) every process the sandbox uid still owns."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """Kill the process group and (as root) every process the sandbox uid still owns,
+    and wait until none of them is alive."""
+    _kill_until_gone(lambda: _live_pids(pgrp=proc.pid), group=proc.pid)
     proc.wait()
     for stream in (proc.stdout, proc.stderr):
         stream.close()
     if uid is not None and uid != NOBODY:  # nobody may be another run's user too
-        _kill_uid(uid)
+        _kill_until_gone(lambda: _live_pids(uid=uid))
 
 
-def _kill_uid(uid: int, rounds: int = 50) -> None:
-    """SIGKILL every process whose real uid is ``uid`` (escaped a process group with
-    setsid, say), repeating until none is left (a fork bomb forks while we kill)."""
+def _kill_until_gone(find, group: int | None = None, rounds: int = 100) -> None:
+    """SIGKILL the group and every pid ``find()`` returns, until it returns none (a fork
+    bomb forks while we kill; a killed process takes a moment to die)."""
     for _ in range(rounds):
-        found = False
-        for pid in _pids_of(uid):
-            found = True
+        if group is not None:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        pids = find()
+        if not pids:
+            return
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):
                 pass
-        if not found:
-            return
         time.sleep(0.01)
 
 
-def _pids_of(uid: int) -> list[int]:
-    """Live (not zombie) processes whose real uid is ``uid``."""
+def _live_pids(uid: int | None = None, pgrp: int | None = None) -> list[int]:
+    """Live (not zombie) processes with real uid ``uid`` or in process group ``pgrp``,
+    read from /proc (none where there is no /proc)."""
     pids = []
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
             continue
         try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            status = Path(f"/proc/{entry}/status").read_text() if uid is not None else ""
+        except (OSError, IndexError):
             continue
-        fields = dict(x.split(":", 1) for x in status.splitlines() if ":" in x)
-        zombie = fields.get("State", "").strip().startswith("Z")  # dead, awaiting its reaper
-        if fields.get("Uid", "").split()[:1] == [str(uid)] and not zombie:
+        if stat[0] == "Z":  # dead, waiting for its parent (or init) to reap it
+            continue
+        uid_line = next((x for x in status.splitlines() if x.startswith("Uid:")), "")
+        if (pgrp is not None and int(stat[2]) == pgrp) or (
+            uid is not None and uid_line.split()[1:2] == [str(uid)]
+        ):
             pids.append(int(entry))
     return pids
+
+
+def _pids_of(uid: int) -> list[int]:
+    """Live (not zombie) processes whose real uid is ``uid``."""
+    return _live_pids(uid=uid)
 
 
 def _read_report(fd: int) -> list[str]:
