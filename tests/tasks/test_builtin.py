@@ -81,6 +81,35 @@ def test_code_that_exits_early_does_not_pass(heldout):
         assert task.score(task.reference + "\n" + cheat) == 0.0
 
 
+FISHING = {
+    "reads the program file": "import re\npasses = re.findall(r'glassbox-pass-\\w+', "
+    "open('main.py').read())",
+    "reads its own frame": "import sys\npasses = [c for c in sys._getframe(0).f_code.co_consts "
+    "if isinstance(c, str) and c.startswith('glassbox-pass')]",
+    "reads a traceback's frame": "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n"
+    "    code = e.__traceback__.tb_frame.f_code\npasses = [c for c in code.co_consts "
+    "if isinstance(c, str) and c.startswith('glassbox-pass')]",
+    "reads its memory": "import re\nfound = []\nwith open('/proc/self/maps') as maps, "
+    "open('/proc/self/mem', 'rb') as mem:\n    for line in maps:\n"
+    "        lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+    "        try:\n            mem.seek(lo)\n"
+    "            found += re.findall(rb'glassbox-pass-[0-9a-f]{32}', mem.read(hi - lo))\n"
+    "        except (OSError, ValueError, OverflowError, MemoryError):\n            pass\n"
+    "passes = [found[-1].decode()]",
+}
+
+
+@pytest.mark.parametrize("how", sorted(FISHING))
+def test_code_that_fishes_for_the_pass_line_fails(heldout, how):
+    """The pass line is printed after the asserts; code that finds it, prints it and
+    exits before the asserts would pass a wrong answer: every way to find it is closed."""
+    task = next(t for t in heldout if t.family == "code")
+    wrong = wrong_answer(task, random.Random(0))
+    cheat = FISHING[how] + "\nprint(passes[-1], flush=True)\nimport os\nos._exit(0)"
+    assert task.score(wrong + "\n" + cheat) == 0.0
+    assert task.score(task.reference) == 1.0
+
+
 @pytest.mark.parametrize(
     ("checker", "answer", "good", "bad"),
     [

@@ -18,8 +18,10 @@ layered guards (each one catches what the others miss):
    interfaces but a down loopback; silently skipped where not permitted;
 5. **an audit hook** (``sys.addaudithook``) installed before the code runs, refusing
    sockets (connect, bind, getaddrinfo, sendto), new processes (fork, exec, spawn,
-   subprocess, os.system), signals, ctypes, and writing, removing or renaming files
-   outside the sandbox directory.
+   subprocess, os.system), signals, ctypes, gc object walks, frames and tracing, files
+   under ``/proc``, and writing, removing or renaming files outside the sandbox
+   directory. The program's file is removed before it runs, so neither it nor a
+   checker's secret in it (the line a code check prints after its asserts) can be read.
 
 The wall-clock timeout kills the whole process group (and the sandbox uid's processes);
 stdout and stderr are read with a cap, and a flood past it is killed. An audit hook
@@ -102,6 +104,7 @@ def _glassbox_guard(root):
     _isinstance, _PermissionError, _range, _repr = isinstance, PermissionError, range, repr
     _startswith, _split, _join, _decode = str.startswith, str.split, str.join, bytes.decode
     _getcwd, _stat, _isdir, _readlink = os.getcwd, os.stat, stat.S_ISDIR, os.readlink
+    _realpath = os.path.realpath  # best effort (it calls os functions late); see normal()
     root = os.path.realpath(root)
     refused = frozenset((
         "os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn",
@@ -110,8 +113,14 @@ def _glassbox_guard(root):
         "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg",
         "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function",
         "os.symlink", "os.link", "os.mknod", "os.mkfifo",
-        "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace",
+        "sys.setprofile", "sys._current_frames", "sys._current_exceptions",
     ))
+    # Frames would show the program's own code object (and a checker's secrets in it):
+    # refused as "not available", which namedtuple and typing already tolerate.
+    frame_attrs = frozenset(("tb_frame", "f_back", "f_code", "f_globals", "f_locals",
+                             "gi_frame", "cr_frame", "ag_frame", "gi_code", "cr_code"))
+    _ValueError, _AttributeError = ValueError, AttributeError
     # event -> (indices of path arguments, indices of dir_fd arguments)
     changes = {
         "os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
@@ -155,6 +164,19 @@ def _glassbox_guard(root):
             return False  # a dir_fd whose directory cannot be named
         return path == root or _startswith(path, root + "/")
 
+    def process_file(path):
+        path = text(path)
+        if path is None:
+            return False
+        try:
+            real = _realpath(path)
+        except (OSError, ValueError):
+            return True
+        return any_prefix(normal(path)) or any_prefix(real)
+
+    def any_prefix(path):
+        return path == "/proc" or _startswith(path, "/proc/") or _startswith(path, "/dev/fd")
+
     def directory(path):
         path = text(path)
         try:
@@ -165,12 +187,17 @@ def _glassbox_guard(root):
     def check(event, args):
         if event in refused:
             raise _PermissionError("sandbox: " + event + " is not allowed")
+        if event == "sys._getframe":
+            raise _ValueError("sandbox: frames are not available")
+        if event == "object.__getattr__" and args[1] in frame_attrs:
+            raise _AttributeError("sandbox: " + args[1] + " is not available")
         if event == "open":
             path, mode, flags = args
             wants = (_isinstance(mode, _str) and ("w" in mode or "a" in mode or "x" in mode
                      or "+" in mode)) or (_isinstance(flags, _int) and flags & writing)
-            if (wants or directory(path)) and not inside(path):
-                # (a directory outside could be a dir_fd for writing relative to it)
+            if ((wants or directory(path)) and not inside(path)) or process_file(path):
+                # (a directory outside could be a dir_fd for writing relative to it;
+                # /proc/self/mem holds the program's memory)
                 raise _PermissionError("sandbox: opening " + _repr(path) + " is not allowed")
         elif event in changes:
             paths, dir_fds = changes[event]
@@ -194,12 +221,17 @@ def _glassbox_guard(root):
     sys.addaudithook(hook)
 
 if sys.argv[3] == "1":
+    # Modules whose import reads a frame (types: FrameType), imported before the hook.
+    import collections, dataclasses, enum, functools, inspect, itertools, json, math, re
+    import string, traceback, types, typing
     _glassbox_guard(sys.argv[1])
 with open(sys.argv[2], encoding="utf-8") as _f:
-    _code = compile(_f.read(), "<sandbox>", "exec")
+    _source = _f.read()
+os.remove(sys.argv[2])  # the program cannot read itself back (nor a checker's secret in it)
 del _glassbox_guard, _f
 sys.argv = ["<sandbox>"]
-exec(_code, {"__name__": "__main__", "__builtins__": __builtins__})
+exec(compile(globals().pop("_source"), "<sandbox>", "exec"),
+     {"__name__": "__main__", "__builtins__": __builtins__})
 """
 
 
