@@ -371,7 +371,7 @@ def _run(
             "report_fd": report_w, "audit": audit,
         }  # fmt: skip
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", LAUNCHER, json.dumps(cfg)],
+            [sys.executable, "-I", "-S", "-c", LAUNCHER, json.dumps(cfg)],
             cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, start_new_session=True, pass_fds=(report_w,),
         )  # fmt: skip
