@@ -5,6 +5,9 @@ and evaluation of a model on tasks (``glassbox eval``).
     from glassbox.tasks import load_tasks, score_batch, preference_pairs
     tasks = load_tasks("builtin:tasks", split="heldout")
     scores = score_batch(tasks, [t.reference for t in tasks])   # all 1.0
+
+Evaluation lives in :mod:`glassbox.tasks.evaluate` (``evaluate(model, tokenizer, tasks)``),
+the sandbox in :mod:`glassbox.tasks.sandbox` (``run_python``, ``sandbox_layers``).
 """
 
 from glassbox.tasks.base import CHECKERS, Task
