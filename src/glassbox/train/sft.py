@@ -75,13 +75,13 @@ class SFTConfig(FinetuneConfig):
     """Share of conversations (files) or documents (domain) held out; builtin:tasks uses its heldout split."""  # noqa: E501
     eval_tokens: int | None = 65536
     """Domain mode: validation tokens per bpb figure; none/all = the whole split."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate (AdamW); LoRA usually wants a few times more than full."""
     batch_size: int = 16
     """Rows per micro-batch."""
-    max_steps: int = 200
+    max_steps: int = 300
     """Optimizer steps; the schedule follows this or --max-minutes, whichever ends first."""
-    eval_interval: int = 50
+    eval_interval: int = 100
     """Steps between evaluations (and at the end)."""
     lora_rank: int = 0
     """LoRA rank; 0 = full fine-tuning."""
