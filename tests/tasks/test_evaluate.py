@@ -140,20 +140,18 @@ def glassbox(*args, cwd):
 
 def test_glassbox_eval_end_to_end(task_tok, tmp_path):
     save_model_dir(tmp_path / "run", tiny_model(task_tok), task_tok, stage="pretrain")
-    proc = glassbox("eval", "run", "--limit", "2", "--max-tokens", "6", cwd=tmp_path)
+    sampled = ("--n", "2", "--k", "1", "--k", "2", "--temperature", "0.8", "--seed", "3")
+    proc = glassbox("eval", "run", "--limit", "2", "--max-tokens", "6", *sampled, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(f in proc.stdout for f in FAMILIES) and "overall" in proc.stdout
+    assert "pass@2" in proc.stdout
     report = json.loads((tmp_path / "run" / "eval_builtin-tasks_heldout.json").read_text())
     assert report["overall"]["tasks"] == 2 * len(FAMILIES)
+    assert report["overall"]["samples"] == 2 * 2 * len(FAMILIES)
     assert {r["family"] for r in report["families"]} == set(FAMILIES)
+    assert set(report["overall"]["pass_at"]) == {"pass@1", "pass@2"}
+    assert report["settings"]["temperature"] == 0.8
 
-    f = tmp_path / "mine.jsonl"
-    f.write_text('{"prompt": "What is 2 + 2?", "answer": 4, "checker": "number"}\n')
-    sampled = ("--n", "2", "--k", "1", "--k", "2", "--temperature", "0.8", "--max-tokens", "4")
-    proc = glassbox("eval", "run", "--tasks", f, *sampled, "--out", "r.json", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pass@2" in json.loads((tmp_path / "r.json").read_text())["overall"]["pass_at"]
-
-    bad = glassbox("eval", "run", "--tasks", "nope.jsonl", cwd=tmp_path)
+    bad = glassbox("eval", "run", "--tasks", "nope.jsonl", "--out", "r.json", cwd=tmp_path)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "nope.jsonl does not exist" in bad.stderr
+    assert "nope.jsonl does not exist" in bad.stderr and not (tmp_path / "r.json").exists()
