@@ -17,7 +17,9 @@ from glassbox.train.reward import (
     RewardConfig,
     RewardModel,
     bradley_terry_loss,
+    first_fit,
     last_token_index,
+    packed_rewards,
     pad_right,
     train_reward,
 )
@@ -65,6 +67,8 @@ def test_forward_reads_the_last_real_token(base_dir):
     alone = torch.cat([model(ids[i : i + 1, : n], mask[i : i + 1, : n]) for i, n in
                        enumerate([3, 2, 1])])  # fmt: skip
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_rewards(model, ids, mask), batched, rtol=1e-5, atol=1e-5)
+    assert first_fit([3, 2, 1], 3) == [[0], [1, 2]]
     ids2 = ids.clone()
     ids2[1, 2] = 11  # a different pad token changes nothing: padding is after the last token
     torch.testing.assert_close(model(ids2, mask), batched)

@@ -162,10 +162,61 @@ def bradley_terry_loss(
 
 
 def pair_rewards(model: RewardModel, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen (N,), r_rejected (N,)) of a pair batch in one forward pass."""
-    rewards = model(batch.ids, batch.attention_mask)  # (2N,)
+    """(r_chosen (N,), r_rejected (N,)) of a pair batch in one packed forward pass."""
+    rewards = packed_rewards(model, batch.ids, batch.attention_mask)  # (2N,)
     n = rewards.shape[0] // 2
     return rewards[:n], rewards[n:]
+
+
+def first_fit(lengths: list[int], width: int) -> list[list[int]]:
+    """Sequence indices grouped into rows of at most ``width`` tokens (longest first,
+    each into the first row with room)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+
+def packed_rewards(
+    model: RewardModel, ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The same rewards (N,) as ``model(ids, attention_mask)``, computed with the
+    right-padded rows packed side by side into as few rows of the same width as fit
+    (``Transformer.hidden``'s segment ids keep each sequence to itself): the padding
+    of a batch of unequal pairs is mostly not computed."""
+    lengths = attention_mask.sum(1).tolist()
+    width = ids.shape[1]
+    rows = first_fit(lengths, width)
+    P = len(rows)
+    packed = torch.zeros(P, width, dtype=ids.dtype)  # (P, W)
+    pos = torch.zeros(P, width, dtype=torch.long)  # position within its own sequence
+    seg = torch.zeros(P, width, dtype=torch.long)  # which sequence of the row
+    last = torch.zeros(len(lengths), 2, dtype=torch.long)  # (N, 2) row, column
+    cpu_ids = ids.cpu()
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members):
+            n = lengths[i]
+            packed[r, at : at + n] = cpu_ids[i, :n]
+            pos[r, at : at + n] = torch.arange(n)
+            seg[r, at : at + n] = s
+            last[i] = torch.tensor([r, at + n - 1])
+            at += n
+        pos[r, at:] = torch.arange(width - at)
+        seg[r, at:] = len(members)  # the tail: a segment of its own
+    device = ids.device
+    with autocast(device):
+        h = model.body.hidden(packed.to(device), input_pos=pos.to(device),
+                              segment_ids=seg.to(device))  # (P, W, C)  # fmt: skip
+    h_last = h[last[:, 0].to(device), last[:, 1].to(device)]  # (N, C)
+    return model.head(h_last.float()).squeeze(-1)  # (N,)
 
 
 def pair_stats(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
