@@ -8,7 +8,11 @@ layered guards (each one catches what the others miss):
    the temporary directory as cwd and ``HOME`` (removed afterwards), no stdin;
 2. **resource limits**, set by a small launcher process before the interpreter that
    runs the code starts: CPU seconds, address space (memory), file size, processes,
-   open files, no core dumps;
+   open files, no core dumps. (A launcher rather than ``preexec_fn``: Python code
+   between fork and exec can deadlock in a threaded caller, and :func:`score_batch
+   <glassbox.tasks.scoring.score_batch>` runs sandboxes from threads.) As root, the
+   interpreter is the first one an unprivileged user can start (``sys.executable``
+   may live under ``/root``), so it may be the system's Python rather than ours;
 3. **an unprivileged user** when the caller is root (as in containers and CI): the code
    runs as a uid of its own (a fresh one per run where the uid map allows, else
    ``nobody``), so the process limit counts only its processes, file permissions apply,
