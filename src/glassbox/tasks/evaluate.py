@@ -18,10 +18,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from glassbox.errors import GlassboxError
 from glassbox.tasks.base import Task
 from glassbox.tasks.scoring import pass_at_k, score_batch
+
+if TYPE_CHECKING:
+    from glassbox.infer.engine import Engine
+    from glassbox.infer.sampling import SamplingParams
+    from glassbox.model import Transformer
+    from glassbox.tokenizer import Tokenizer
 
 
 @dataclass
@@ -113,7 +120,7 @@ def limit_per_family(tasks: Sequence[Task], limit: int | None) -> list[Task]:
     return out
 
 
-def prompt_ids(tokenizer, task: Task) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, task: Task) -> list[int]:
     """The ids the model continues for ``task``: a chat generation prompt for chat tasks,
     ``[eot] + prompt`` for completion-style ones."""
     if task.chat:
@@ -136,8 +143,8 @@ def _check_settings(tasks: Sequence[Task], n: int, ks: Sequence[int], max_tokens
 
 
 def evaluate(
-    model,
-    tokenizer,
+    model: Transformer,
+    tokenizer: Tokenizer,
     tasks: Sequence[Task],
     *,
     n: int = 1,
@@ -211,7 +218,15 @@ def score_completions(
     return EvalReport(rows, overall, settings or {"n": n, "k": ks}, samples)
 
 
-def _generate(engine, tokenizer, prompts, n, params, max_tokens, show_progress) -> list[str]:
+def _generate(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    n: int,
+    params: SamplingParams,
+    max_tokens: int,
+    show_progress: bool,
+) -> list[str]:
     """Completions as text (stop token removed), prompt-major, n per prompt."""
     chunk = max(1, engine.max_seqs // n) * 4
     out: list[str] = []
