@@ -146,7 +146,10 @@ def test_builtin_pairs_with_noise(tok):
     assert share == pytest.approx(0.25, abs=0.01)
     flipped = next(i for i, p in enumerate(noisy) if p["noisy"])
     assert noisy[flipped]["chosen"] == clean[flipped]["rejected"]
-    encode_pair(tok, clean[0])  # built-in pairs are in the conversational form
+    ids = encode_pair(tok, clean[0])  # built-in pairs are in the conversational form
+    assert ids.group == clean[0]["criterion"] and ids.group in ("correctness", "format",
+                                                                 "concision")  # fmt: skip
+    assert fit_pair(ids, len(ids.prompt) + 40).group == ids.group
 
 
 def test_sets_hold_out_a_file_share_and_check_settings(tok, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from glassbox.checkpoint import load_checkpoint, load_model_dir
+from glassbox.data.preferences import PairTokens
 from glassbox.errors import GlassboxError
 from glassbox.track import read_metrics
 from glassbox.train.finetune import load_start
@@ -17,6 +18,7 @@ from glassbox.train.reward import (
     RewardConfig,
     RewardModel,
     bradley_terry_loss,
+    evaluate_pairs,
     first_fit,
     last_token_index,
     packed_rewards,
@@ -148,3 +150,23 @@ def test_cli_trains_a_reward_model_and_generate_refuses_it(base_dir, tmp_path):
     assert "'reward' checkpoint" in refused.stderr and "not a language model" in refused.stderr
     missing = glassbox("reward", base_dir, "--data", "nope.jsonl", "--out", "x", cwd=tmp_path)
     assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
+
+
+def test_evaluation_reports_accuracy_per_group(base_dir):
+    lm, tok, _ = load_start(str(base_dir), torch.device("cpu"))
+    model = RewardModel.from_language_model(lm)
+    gen = torch.Generator().manual_seed(0)
+    pairs = [
+        PairTokens(torch.randint(10, 300, (5 + i,), generator=gen).tolist(), [7 + i], [9],
+                   group="ab"[i % 2])
+        for i in range(8)
+    ]  # fmt: skip
+    row = evaluate_pairs(model, pairs, 3, tok.pad_id, torch.device("cpu"))
+    with torch.no_grad():
+        rc = model.score_rows([p.prompt + p.chosen for p in pairs], tok.pad_id)
+        rr = model.score_rows([p.prompt + p.rejected for p in pairs], tok.pad_id)
+    right = (rc > rr).tolist()
+    assert row["val_accuracy"] == pytest.approx(sum(right) / 8)
+    assert row["val_accuracy_a"] == pytest.approx(sum(right[0::2]) / 4)
+    assert row["val_accuracy_b"] == pytest.approx(sum(right[1::2]) / 4)
+    assert row["val_margin"] == pytest.approx((rc - rr).mean().item(), abs=1e-5)

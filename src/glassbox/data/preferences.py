@@ -30,6 +30,7 @@ Batches put the N chosen rows first and the N rejected rows after them, right-pa
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,12 +83,14 @@ class PreferenceDataConfig:
 
 @dataclass
 class PairTokens:
-    """One tokenized pair: prompt ids, chosen and rejected completion ids, margin."""
+    """One tokenized pair: prompt ids, chosen and rejected completion ids, margin, and
+    its group for per-group accuracy (a built-in pair's criterion; "" otherwise)."""
 
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
     margin: float = 0.0
+    group: str = ""
 
 
 # --------------------------------------------------------------------------------------
@@ -165,12 +168,12 @@ def split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dic
 
 def encode_pair(tok, pair: dict[str, Any]) -> PairTokens:
     """Token ids of one checked pair (see the module docstring for the two forms)."""
-    margin = float(pair.get("margin", 0.0))
+    margin, group = float(pair.get("margin", 0.0)), str(pair.get("criterion", ""))
     if isinstance(pair["prompt"], str):
         prompt = [tok.eot_id, *tok.encode(pair["prompt"])]
         chosen = [*tok.encode(pair["chosen"]), tok.eot_id]
         rejected = [*tok.encode(pair["rejected"]), tok.eot_id]
-        return PairTokens(prompt, chosen, rejected, margin)
+        return PairTokens(prompt, chosen, rejected, margin, group)
     prompt_c, chosen = chat_completion_ids(tok, pair["prompt"], pair["chosen"], pair["where"])
     prompt_r, rejected = chat_completion_ids(tok, pair["prompt"], pair["rejected"], pair["where"])
     if prompt_c != prompt_r:  # BPE merged the header with one completion's first characters
@@ -179,7 +182,7 @@ def encode_pair(tok, pair: dict[str, Any]) -> PairTokens:
             "prompts (one starts with blank characters that merge into the assistant "
             "header); strip leading whitespace from the answers."
         )
-    return PairTokens(prompt_c, chosen, rejected, margin)
+    return PairTokens(prompt_c, chosen, rejected, margin, group)
 
 
 def chat_completion_ids(
@@ -204,7 +207,7 @@ def fit_pair(pair: PairTokens, max_len: int) -> PairTokens | None:
         return None
     if len(pair.prompt) <= room:
         return pair
-    return PairTokens(pair.prompt[-room:], pair.chosen, pair.rejected, pair.margin)
+    return dataclasses.replace(pair, prompt=pair.prompt[-room:])
 
 
 def tokenize_pairs(tok, pairs: Sequence[dict], max_len: int) -> tuple[list[PairTokens], int]:

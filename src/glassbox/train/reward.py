@@ -100,8 +100,14 @@ class RewardModel(nn.Module):
             answer = [{"role": "assistant", "content": text}]
             p, c = chat_completion_ids(tokenizer, list(prompt), answer, f"completions[{i}]")
             rows.append((p + c)[-self.cfg.context_length :])
+        return self.score_rows(rows, tokenizer.pad_id)
+
+    @torch.no_grad()
+    def score_rows(self, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+        """Rewards (N,) of token-id rows of any lengths (padded here, on the model's
+        device)."""
         device = self.head.weight.device
-        ids, mask = pad_right(rows, tokenizer.pad_id)
+        ids, mask = pad_right(rows, pad_id)
         return self(ids.to(device), mask.to(device))
 
 
@@ -258,19 +264,25 @@ class RewardConfig(PreferenceDataConfig, FinetuneConfig):
 
 
 def evaluate_pairs(model: RewardModel, pairs, batch_size: int, pad_id: int, device) -> dict:
-    """Held-out loss, pairwise accuracy and mean margin (model in eval mode meanwhile)."""
+    """Held-out loss, pairwise accuracy and mean margin, and the accuracy of each group
+    of pairs (``val_accuracy_correctness`` ... for built-in pairs); eval mode meanwhile."""
     model.eval()
-    n, loss, correct, gap_sum = 0, 0.0, 0.0, 0.0
+    n, loss, gap_sum = 0, 0.0, 0.0
+    right: list[bool] = []
     with torch.no_grad():
         for batch in batches(pairs, batch_size, pad_id):
             rc, rr = pair_rewards(model, batch.to(device))
-            k = rc.shape[0]
-            loss += bradley_terry_loss(rc, rr).item() * k
-            correct += (rc > rr).float().sum().item()
+            loss += bradley_terry_loss(rc, rr).item() * rc.shape[0]
+            right += (rc > rr).tolist()
             gap_sum += (rc - rr).sum().item()
-            n += k
+            n += rc.shape[0]
     model.train()
-    return {"val_loss": loss / n, "val_accuracy": correct / n, "val_margin": gap_sum / n}
+    row = {"val_loss": loss / n, "val_accuracy": sum(right) / n, "val_margin": gap_sum / n}
+    groups = sorted({p.group for p in pairs} - {""})
+    for g in groups:
+        hits = [ok for ok, p in zip(right, pairs, strict=True) if p.group == g]
+        row[f"val_accuracy_{g}"] = sum(hits) / len(hits)
+    return row
 
 
 def train_reward(cfg: RewardConfig, explicit: set[str] | None = None) -> dict[str, Any]:
