@@ -170,3 +170,22 @@ def test_evaluation_reports_accuracy_per_group(base_dir):
     assert row["val_accuracy_a"] == pytest.approx(sum(right[0::2]) / 4)
     assert row["val_accuracy_b"] == pytest.approx(sum(right[1::2]) / 4)
     assert row["val_margin"] == pytest.approx((rc - rr).mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["reward", "dpo"])
+def test_every_setting_is_a_flag_with_help(name):
+    import dataclasses
+
+    import typer
+
+    from glassbox.cli import app
+    from glassbox.cli_config import field_docs
+    from glassbox.train.dpo import DPOConfig
+
+    cls = {"reward": RewardConfig, "dpo": DPOConfig}[name]
+    command = typer.main.get_command(app).commands[name]
+    flags = {opt for p in command.params for opt in p.opts}
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        assert f.name == "base" or "--" + f.name.replace("_", "-") in flags, f.name
+        assert docs.get(f.name), f"{cls.__name__}.{f.name} has no help"
