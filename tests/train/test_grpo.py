@@ -13,8 +13,16 @@ import torch
 
 from glassbox.checkpoint import load_model_dir
 from glassbox.errors import GlassboxError
+from glassbox.tasks import load_tasks, score_batch
 from glassbox.track import read_metrics
-from glassbox.train.grpo import GRPOConfig, group_advantages, k3_kl, run, token_level_loss
+from glassbox.train.grpo import (
+    GRPOConfig,
+    check_completions,
+    group_advantages,
+    k3_kl,
+    run,
+    token_level_loss,
+)
 
 
 def test_group_advantages_are_zero_mean_and_zero_for_constant_groups():
@@ -65,6 +73,16 @@ def task_file(tmp_path_factory) -> str:
                             ("Say n", "n", "consonant"), ("Say r", "r", "consonant")]]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def test_check_completions_equals_score_batch_on_code_and_text():
+    code = [t for t in load_tasks("builtin:tasks", "train") if t.family == "code"][:2]
+    text = [t for t in load_tasks("builtin:tasks", "train") if t.family == "arithmetic"][:1]
+    tasks = [code[0], code[0], code[0], code[1], code[1], text[0], text[0]]
+    texts = [code[0].reference, code[0].reference, "def f(:", "return 1", code[1].reference,
+             text[0].reference, "nope"]  # fmt: skip
+    got = check_completions(tasks, texts)
+    assert got == score_batch(tasks, texts) == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
 
 
 def _cfg(base_dir, out, tasks, **kw) -> GRPOConfig:

@@ -57,7 +57,7 @@ from glassbox.train.finetune import (
     save_stage,
     train_loop,
 )
-from glassbox.train.grpo import fitting_prompts, heldout_accuracy
+from glassbox.train.grpo import check_completions, fitting_prompts, heldout_accuracy
 from glassbox.train.logprobs import entropy, gather_logprobs, masked_mean
 from glassbox.train.optim import build_optimizers
 
@@ -306,7 +306,7 @@ def load_reward_model(path: str, policy_tok, device: torch.device) -> nn.Module:
 
 def run(cfg: PPOConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     """Train with PPO from ``cfg.base`` against ``cfg.reward``; returns the last row."""
-    from glassbox.tasks import load_tasks, score_batch
+    from glassbox.tasks import load_tasks
 
     run_, device = open_stage(cfg, "ppo", explicit, RESUME_MAY_CHANGE)
     cfg = run_.cfg
@@ -350,7 +350,7 @@ def run(cfg: PPOConfig, explicit: set[str] | None = None) -> dict[str, Any]:
         """Reward-model scores (N,) of the whole sequences; true accuracy by the checkers."""
         scores = reward_model(batch.input_ids, batch.attention_mask).float()  # (N,)
         texts = [completion_text(tok, r) for r in rollouts]
-        truth = score_batch(batch_tasks, texts, workers=cfg.score_workers)
+        truth = check_completions(batch_tasks, texts, cfg.score_workers)
         return scores, sum(truth) / len(truth)
 
     @torch.no_grad()
