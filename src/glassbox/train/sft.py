@@ -473,8 +473,7 @@ def sft(cfg: SFTConfig, explicit: set[str] | None = None) -> dict:
 
     last = train_loop(run, step, optimizers, step_fn(cfg, model, optimizers, one_step), save,
                       evaluate, plot_keys, f"sft ({cfg.mode})")  # fmt: skip
-    last["out"] = str(run.out)
-    return last
+    return last | {"out": str(run.out)} if last else last
 
 
 def step_fn(cfg: SFTConfig, model, optimizers, micro_loss):
