@@ -302,7 +302,7 @@ def load_preference_sets(cfg: PreferenceDataConfig, tok, context: int, seed: int
     if cfg.eval_data:
         val = load_pairs(cfg.eval_data, "heldout")
     elif cfg.data == BUILTIN:
-        val = load_pairs(BUILTIN, "heldout", 0.0, seed)  # true votes: what accuracy means
+        val = load_pairs(BUILTIN, "heldout")  # true votes, fixed pairs: comparable runs
     else:
         train, val = split_pairs(train, cfg.val_fraction, seed)
     train_t, dropped_t = tokenize_pairs(tok, train, max_len)
