@@ -439,6 +439,12 @@ def run(cfg: PPOConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     return train_loop(run_, step, optimizers, one_step, save, evaluate_heldout, plot, "PPO")
 
 
+def running_mean(xs: list[float], window: int) -> list[float]:
+    """Mean of each value with up to ``window - 1`` values before it."""
+    return [sum(xs[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(xs))]  # fmt: skip
+
+
 def plot_overoptimization(metrics: Path, out: Path) -> Path | None:
     """Reward-model score and true accuracy against KL from the starting model, one y axis
     each, so the point where the proxy keeps rising and the truth stops shows."""
@@ -450,14 +456,18 @@ def plot_overoptimization(metrics: Path, out: Path) -> Path | None:
     rows = [r for r in read_metrics(metrics) if "kl" in r and "rm_score" in r]
     if not rows:
         return None
+    rows.sort(key=lambda r: r["kl"])  # per-step points are noisy: show them + a running mean
     kl = [r["kl"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(kl, [r["rm_score"] for r in rows], "o-", color="tab:blue", ms=3, label="RM score")
-    ax.set_xlabel("KL(policy || start) per sequence, nats")
-    ax.set_ylabel("reward-model score", color="tab:blue")
     ax2 = ax.twinx()
-    ax2.plot(kl, [r["true_accuracy"] for r in rows], "s-", color="tab:red", ms=3)
-    ax2.set_ylabel("true accuracy (task checkers)", color="tab:red")
+    for axis, key, color, label in ((ax, "rm_score", "tab:blue", "reward-model score"),
+                                    (ax2, "true_accuracy", "tab:red", "true accuracy (task "
+                                     "checkers)")):  # fmt: skip
+        ys = [r[key] for r in rows]
+        axis.scatter(kl, ys, s=8, color=color, alpha=0.35)
+        axis.plot(kl, running_mean(ys, max(1, len(ys) // 6)), color=color, lw=2)
+        axis.set_ylabel(label, color=color)
+    ax.set_xlabel("KL(policy || start) per sequence, nats (steps sorted by KL)")
     ax2.set_ylim(-0.02, 1.02)
     ax.set_title("PPO: proxy reward vs true accuracy as the policy moves away")
     return save_figure(fig, out)
