@@ -189,3 +189,20 @@ def test_every_setting_is_a_flag_with_help(name):
     for f in dataclasses.fields(cls):
         assert f.name == "base" or "--" + f.name.replace("_", "-") in flags, f.name
         assert docs.get(f.name), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_resume_equals_an_uninterrupted_run(base_dir, tmp_path):
+    import shutil
+
+    data = toy_pairs(tmp_path / "pairs.jsonl")
+    common = dict(base=str(base_dir), data=data, eval_data=data, batch_size=4, max_steps=6,
+                  eval_interval=3, warmup_steps=1, lr=1e-3, center_coef=0.01)  # fmt: skip
+    train_reward(RewardConfig(out=str(tmp_path / "a"), **common))
+    train_reward(RewardConfig(out=str(tmp_path / "b"), checkpoint_interval=3, **common))
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
+    last = train_reward(RewardConfig(out=str(tmp_path / "b"), resume=True, **common),
+                        explicit={"resume", "out"})  # fmt: skip
+    assert last["step"] == 6
+    a, b = load_checkpoint(tmp_path / "a").model, load_checkpoint(tmp_path / "b").model
+    for (k, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(wa, wb, rtol=0, atol=0, msg=k)
