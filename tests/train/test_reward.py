@@ -206,3 +206,45 @@ def test_resume_equals_an_uninterrupted_run(base_dir, tmp_path):
     a, b = load_checkpoint(tmp_path / "a").model, load_checkpoint(tmp_path / "b").model
     for (k, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(wa, wb, rtol=0, atol=0, msg=k)
+
+
+def test_loss_equals_trl_reward_trainer(base_dir, tmp_path):
+    """TRL's RewardTrainer.compute_loss on the same batch, with our body exported to a
+    transformers LlamaForSequenceClassification and our head copied into its score."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig as TRLConfig
+    from trl import RewardTrainer
+
+    from glassbox.data.preferences import collate, encode_pair, load_pairs
+    from glassbox.interop.hf import export_hf
+    from glassbox.train.reward import pair_rewards
+
+    export_hf(base_dir, tmp_path / "hf")
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", num_labels=1,
+                                                            dtype=torch.float32)  # fmt: skip
+    lm, tok, _ = load_start(str(base_dir), torch.device("cpu"))
+    model = RewardModel.from_language_model(lm).eval()
+    with torch.no_grad():
+        model.head.bias.fill_(0.0)  # transformers' score layer has no bias
+        hf.score.weight.copy_(model.head.weight)
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True,
+                     center_rewards_coefficient=0.01)  # fmt: skip
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}] * 2
+    trainer = RewardTrainer(
+        model=hf,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(tmp_path / "hf"),
+    )
+    pairs = load_pairs(toy_pairs(tmp_path / "pairs.jsonl"))[:6]
+    pairs[0]["chosen"] = [{"role": "assistant", "content": "a longer answer, 41 or 29"}]
+    batch = collate([encode_pair(tok, p) for p in pairs], tok.pad_id)
+    inputs = {"input_ids": batch.ids, "attention_mask": batch.attention_mask.long()}
+    trainer.model.eval()
+    with torch.no_grad():
+        theirs = trainer.compute_loss(trainer.model, inputs)
+        ours = bradley_terry_loss(*pair_rewards(model, batch), center_coef=0.01)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-5)
+    assert abs(theirs.item() - 0.6931) > 1e-4  # random rewards: not the trivial value
