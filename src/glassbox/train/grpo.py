@@ -71,11 +71,11 @@ class GRPOConfig(FinetuneConfig):
     """Most tokens generated per sample."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts (1 = the policy itself)."""
-    lr: float = 1e-4
+    lr: float = 2e-4
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 5
     """Linear warmup steps."""
-    max_steps: int = 60
+    max_steps: int = 120
     """Optimizer steps (rollout batches); or --max-minutes, whichever ends first."""
     num_iterations: int = 1
     """Policy updates per rollout batch (1 = on-policy: the ratio is 1 at the update)."""
@@ -93,11 +93,11 @@ class GRPOConfig(FinetuneConfig):
     """Sandboxes run at once when scoring code completions."""
     log_interval: int = 1
     """Steps between metrics rows."""
-    eval_interval: int = 20
+    eval_interval: int = 40
     """Steps between held-out evaluations (and at the end)."""
     eval_limit: int = 10
     """Held-out tasks per family in each evaluation (0 = no evaluation)."""
-    checkpoint_interval: int = 20
+    checkpoint_interval: int = 40
     """Steps between snapshots (and at the end)."""
 
     def validate(self) -> None:
