@@ -96,6 +96,11 @@ def test_loss_equals_the_formula_by_hand(base_dir, policy_dir, tmp_path):
     by_formula = (-(1 - eps) * F.logsigmoid(g) - eps * F.logsigmoid(-g)).mean()
     torch.testing.assert_close(smooth, by_formula, rtol=1e-5, atol=1e-6)
     assert smooth.item() != pytest.approx(loss.item()) and ipo.item() != pytest.approx(loss.item())
+    # RPO: plus alpha times the chosen answers' mean per-token NLL
+    rpo, m = pair_loss(policy, reference, batch, DPOConfig(beta=beta, rpo_alpha=0.5))
+    nll = -(pc / lengths[:n]).mean()
+    torch.testing.assert_close(rpo, expected + 0.5 * nll, rtol=1e-5, atol=1e-6)
+    assert m["chosen_nll"] == pytest.approx(nll.item(), rel=1e-5)
 
 
 def test_dpo_loss_at_the_reference_is_log_2():

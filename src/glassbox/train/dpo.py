@@ -8,6 +8,9 @@
     -> sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
        (eps = label_smoothing: conservative DPO, for votes flipped with chance eps)
        ipo:     (h / tokens - 1 / (2 beta))^2   h from per-token means of the log-ratios
+    -> + rpo_alpha * (mean per-token NLL of the chosen answer), optional: plain DPO
+       lowers the likelihood of both answers of a pair as long as their gap grows;
+       the NLL term (RPO, Pang et al. 2024) keeps the chosen answer likely
     -> AdamW; implicit rewards beta (pc - rc), beta (pr - rr), their accuracy and margin,
        held-out preference accuracy at each evaluation
 
@@ -62,6 +65,8 @@ class DPOConfig(PreferenceDataConfig, FinetuneConfig):
     """sigmoid (DPO) or ipo (squared loss on per-token log-ratios)."""
     label_smoothing: float = 0.0
     """Conservative DPO: the assumed share of flipped votes, in [0, 0.5) (sigmoid only)."""
+    rpo_alpha: float = 0.0
+    """Weight of the chosen answer's per-token NLL added to the loss (RPO); 0 = plain DPO."""
     batch_size: int = 16
     """Pairs per micro-batch (each pair is two sequences)."""
     max_steps: int = 400
@@ -89,6 +94,8 @@ class DPOConfig(PreferenceDataConfig, FinetuneConfig):
                 f"--label-smoothing={self.label_smoothing} is outside [0, 0.5); it is the "
                 "assumed share of flipped votes."
             )
+        if self.rpo_alpha < 0:
+            raise GlassboxError(f"--rpo-alpha={self.rpo_alpha} must be >= 0 (0 = plain DPO).")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise GlassboxError("--label-smoothing applies to --loss-type sigmoid only.")
         if self.eval_limit < 1:
@@ -173,7 +180,13 @@ def pair_loss(
     lengths = batch.completion_mask.sum(1).float()  # (2N,)
     loss, stats = dpo_loss(policy, reference, cfg.beta, cfg.loss_type, cfg.label_smoothing,
                            lengths)  # fmt: skip
-    return loss, batch_metrics(stats, policy - reference)
+    metrics = batch_metrics(stats, policy - reference)
+    if cfg.rpo_alpha:
+        n = policy.shape[0] // 2
+        nll = -(policy[:n] / lengths[:n]).mean()  # chosen answers, per token
+        loss = loss + cfg.rpo_alpha * nll
+        metrics["chosen_nll"] = nll.item()
+    return loss, metrics
 
 
 # --------------------------------------------------------------------------------------
