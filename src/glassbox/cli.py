@@ -307,6 +307,9 @@ def _register_eval() -> None:
             "heldout"
         ),
         limit: Annotated[int | None, typer.Option(help="At most N tasks per family.")] = None,
+        family: Annotated[
+            list[str] | None, typer.Option(help="Only these families (repeatable).")
+        ] = None,
         n: Annotated[int, typer.Option(help="Samples per task.")] = 1,
         k: Annotated[list[int] | None, typer.Option(help="pass@k to report (repeatable).")] = None,
         temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -332,6 +335,12 @@ def _register_eval() -> None:
         from glassbox.tasks.evaluate import evaluate, limit_per_family
 
         chosen = limit_per_family(load_tasks(tasks, split=split), limit)
+        if family:
+            known = sorted({t.family for t in chosen})
+            unknown = sorted(set(family) - set(known))
+            if unknown:
+                raise GlassboxError(f"--family {unknown} not in {tasks}; choose from {known}.")
+            chosen = [t for t in chosen if t.family in family]
         model, tok, _ = load_model_dir(run_dir, resolve_device(device))
         report = evaluate(
             model, tok, chosen, n=n, k=tuple(k or [1]), temperature=temperature,
