@@ -238,9 +238,9 @@ class Transformer(nn.Module):
         return self.norm(x)
 
 
-@register_loader("transformer")
-def _load_transformer(path: Path, record: dict, device: torch.device) -> Loaded:
-    """A language-model checkpoint: config.json + model.safetensors + tokenizer.json."""
+def read_config_and_tokenizer(path: Path, record: dict):
+    """The model config of a checkpoint's record and its tokenizer.json, checked to fit
+    each other (every language-model-shaped checkpoint starts here)."""
     from glassbox.tokenizer import Tokenizer
 
     try:
@@ -248,12 +248,19 @@ def _load_transformer(path: Path, record: dict, device: torch.device) -> Loaded:
     except TypeError as e:
         raise GlassboxError(f"{path / 'config.json'} has an invalid model config: {e}") from e
     tokenizer = Tokenizer.load(path / "tokenizer.json")
-    with torch.device(device):
-        model = Transformer(cfg)
-    load_weights(model, path / "model.safetensors", device, cfg.tie_embeddings)
     if tokenizer.vocab_size > cfg.vocab_size:
         raise GlassboxError(
             f"tokenizer.json has {tokenizer.vocab_size} tokens but the model's vocab_size is "
             f"{cfg.vocab_size}; the two files are from different runs."
         )
+    return cfg, tokenizer
+
+
+@register_loader("transformer")
+def _load_transformer(path: Path, record: dict, device: torch.device) -> Loaded:
+    """A language-model checkpoint: config.json + model.safetensors + tokenizer.json."""
+    cfg, tokenizer = read_config_and_tokenizer(path, record)
+    with torch.device(device):
+        model = Transformer(cfg)
+    load_weights(model, path / "model.safetensors", device, cfg.tie_embeddings)
     return Loaded(model.eval(), tokenizer, record, "transformer")

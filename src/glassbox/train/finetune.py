@@ -111,6 +111,26 @@ class FinetuneConfig:
             raise GlassboxError("--warmup-steps and --grad-clip must be >= 0.")
 
 
+@dataclass
+class RolloutConfig(FinetuneConfig):
+    """The knobs PPO and GRPO share: where prompts come from and how rollouts sample."""
+
+    tasks: str = "builtin:tasks"
+    """Prompt source: builtin:tasks or a task file (.jsonl); its train split is used."""
+    max_tokens: int = 48
+    """Most tokens generated per sample."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (1 = the policy itself)."""
+    max_seqs: int = 64
+    """Engine slots: sequences decoded together during rollouts."""
+    score_workers: int = 2
+    """Sandboxes run at once when checking code completions."""
+    log_interval: int = 1
+    """Steps between metrics rows."""
+    eval_limit: int = 10
+    """Held-out tasks per family in each evaluation (0 = no evaluation)."""
+
+
 # --------------------------------------------------------------------------------------
 # Opening a stage and its starting model
 # --------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from glassbox.infer.rollout import Rollout, collate_rollouts
 from glassbox.infer.sampling import SamplingParams
 from glassbox.train.finetune import (
     RESUME_MAY_CHANGE,
-    FinetuneConfig,
+    RolloutConfig,
     completion_text,
     load_start,
     open_stage,
@@ -53,13 +53,11 @@ from glassbox.train.optim import build_optimizers
 
 
 @dataclass
-class GRPOConfig(FinetuneConfig):
+class GRPOConfig(RolloutConfig):
     """GRPO settings: the shared fine-tuning knobs + rollouts, rewards and the loss."""
 
     out: str = "runs/grpo"
     """Run directory to write (must be empty or new unless --resume)."""
-    tasks: str = "builtin:tasks"
-    """Task source: builtin:tasks or a task file (.jsonl); its train split gives prompts."""
     batch_size: int = 16
     """Prompts per rollout batch (each sampled --num-generations times)."""
     grad_accum: int = 1
@@ -67,10 +65,6 @@ class GRPOConfig(FinetuneConfig):
     less memory)."""
     num_generations: int = 8
     """Samples per prompt (the group whose mean is the baseline); >= 2."""
-    max_tokens: int = 48
-    """Most tokens generated per sample."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts (1 = the policy itself)."""
     lr: float = 2e-4
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 5
@@ -87,16 +81,8 @@ class GRPOConfig(FinetuneConfig):
     """KL(policy || reference) coefficient (k3 estimator); 0 = no reference model."""
     scale_rewards: bool = True
     """Divide advantages by the group's reward std (off = Dr. GRPO's unscaled form)."""
-    max_seqs: int = 64
-    """Engine slots: sequences decoded together during rollouts."""
-    score_workers: int = 2
-    """Sandboxes run at once when scoring code completions."""
-    log_interval: int = 1
-    """Steps between metrics rows."""
     eval_interval: int = 40
     """Steps between held-out evaluations (and at the end)."""
-    eval_limit: int = 10
-    """Held-out tasks per family in each evaluation (0 = no evaluation)."""
     checkpoint_interval: int = 40
     """Steps between snapshots (and at the end)."""
 

@@ -48,7 +48,7 @@ from glassbox.infer.sampling import SamplingParams
 from glassbox.track import read_metrics, save_figure
 from glassbox.train.finetune import (
     RESUME_MAY_CHANGE,
-    FinetuneConfig,
+    RolloutConfig,
     completion_text,
     load_start,
     open_stage,
@@ -63,23 +63,17 @@ from glassbox.train.optim import build_optimizers
 
 
 @dataclass
-class PPOConfig(FinetuneConfig):
+class PPOConfig(RolloutConfig):
     """PPO settings: the shared fine-tuning knobs + the reward model, KL anchor and PPO."""
 
     out: str = "runs/ppo"
     """Run directory to write (must be empty or new unless --resume)."""
     reward: str | None = None
     """Reward-model checkpoint directory (a `glassbox reward` output); required."""
-    tasks: str = "builtin:tasks"
-    """Prompt source: builtin:tasks or a task file (.jsonl); its train split is used."""
     batch_size: int = 32
     """Prompts per rollout batch (one sample each)."""
     grad_accum: int = 1
     """Unused by PPO (its batch is split into --mini-batches); kept at 1."""
-    max_tokens: int = 48
-    """Most tokens generated per sample."""
-    temperature: float = 1.0
-    """Sampling temperature of the rollouts (1 = the policy itself)."""
     lr: float = 5e-5
     """Peak learning rate of the policy (AdamW)."""
     value_lr: float = 1e-3
@@ -112,16 +106,8 @@ class PPOConfig(FinetuneConfig):
     """Horizon of the adaptive controller, in samples."""
     whiten_rewards: bool = False
     """Scale per-token rewards to unit variance over the batch before GAE."""
-    max_seqs: int = 64
-    """Engine slots: sequences decoded together during rollouts."""
-    score_workers: int = 2
-    """Sandboxes run at once when checking code completions (true_accuracy)."""
-    log_interval: int = 1
-    """Steps between metrics rows."""
     eval_interval: int = 10
     """Steps between held-out evaluations (and at the end)."""
-    eval_limit: int = 10
-    """Held-out tasks per family in each evaluation (0 = no evaluation)."""
     checkpoint_interval: int = 20
     """Steps between snapshots (and at the end)."""
 

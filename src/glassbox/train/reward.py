@@ -37,7 +37,7 @@ from glassbox.data.preferences import (
 )
 from glassbox.device import autocast
 from glassbox.errors import GlassboxError
-from glassbox.model import Transformer
+from glassbox.model import Transformer, read_config_and_tokenizer
 from glassbox.train.finetune import (
     FinetuneConfig,
     load_start,
@@ -132,13 +132,7 @@ def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 @register_loader("reward")
 def _load_reward(path: Path, record: dict, device: torch.device) -> Loaded:
     """A reward checkpoint: config.json (architecture reward) + body/head weights."""
-    from glassbox.tokenizer import Tokenizer
-
-    try:
-        cfg = ModelConfig.from_dict(record["model"])
-    except TypeError as e:
-        raise GlassboxError(f"{path / 'config.json'} has an invalid model config: {e}") from e
-    tokenizer = Tokenizer.load(path / "tokenizer.json")
+    cfg, tokenizer = read_config_and_tokenizer(path, record)
     with torch.device(device):
         model = RewardModel(cfg)
     load_weights(model, path / "model.safetensors", device, tied=False)
