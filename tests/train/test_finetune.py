@@ -84,3 +84,16 @@ def test_bad_settings_are_refused_by_name(base_dir, tmp_path):
     run, device = open_stage(cfg, "probe", None)
     with pytest.raises(GlassboxError, match="does not exist"):
         load_start(cfg.base, device)
+
+
+def test_a_run_that_fails_on_its_input_can_be_rerun_in_the_same_out(base_dir, tmp_path):
+    """Nothing is written before training produces something, so fixing the input and
+    running the same command again is not refused as 'already holds files'."""
+    cfg = FinetuneConfig(base=str(tmp_path / "typo"), out=str(tmp_path / "run"))
+    run, device = open_stage(cfg, "probe", None)
+    with pytest.raises(GlassboxError, match="does not exist"):
+        load_start(cfg.base, device)
+    assert list((tmp_path / "run").iterdir()) == []
+    fixed = dataclasses.replace(cfg, base=str(base_dir), max_steps=1)
+    last, _ = _run(fixed)
+    assert last["step"] == 1 and (tmp_path / "run" / "config.yaml").is_file()

@@ -15,7 +15,8 @@
 
 Layout::
 
-    out/config.yaml            the recipe's config (edit it and pass --config)
+    out/config.yaml            the recipe's config (edit it and pass --config), written
+                               with the first metrics row or snapshot
     out/config.json            model config + stage + version (what loaders read)
     out/model.safetensors      latest weights (plus e.g. tokenizer.json)
     out/metrics.jsonl, loss.png
@@ -106,6 +107,7 @@ class Run:
         self.out, self.cfg, self.stage, self.d = out, cfg, stage, d
         self.snapshot = snapshot
         self.clock = Clock(d, snapshot.state.get("elapsed_s", 0.0) if snapshot else 0.0)
+        self._config_written = False
         self.metrics = MetricsLog(
             out / "metrics.jsonl", resume_step=snapshot.step if snapshot else None
         ) if d.main else None  # fmt: skip
@@ -138,15 +140,22 @@ class Run:
         barrier(d)  # every rank checked the directory before rank 0 writes to it
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
-            if snapshot is None:
-                ckpt.atomic_write_bytes(out / "config.yaml", config_yaml(cfg).encode())
         return cls(out, cfg, stage, d, snapshot)
 
     # -- metrics and pictures ---------------------------------------------------------
 
     def log(self, row: dict[str, Any]) -> None:
         if self.metrics is not None:
+            self._write_config()
             self.metrics.write(row)
+
+    def _write_config(self) -> None:
+        """config.yaml of a fresh run, written once training has produced something: a
+        run that fails on its input before that leaves --out empty, so the same command
+        with the input fixed starts cleanly."""
+        if self.snapshot is None and not self._config_written:
+            ckpt.atomic_write_bytes(self.out / "config.yaml", config_yaml(self.cfg).encode())
+            self._config_written = True
 
     def plot(self, keys: tuple[str, ...] = ("train_loss", "val_loss"), title: str = "loss"):
         if self.d.main:
@@ -173,6 +182,7 @@ class Run:
         elapsed = self.clock.elapsed()
         if not self.d.main:
             return
+        self._write_config()
         state = {
             **state,
             "step": step,
