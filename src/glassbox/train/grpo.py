@@ -362,12 +362,9 @@ def heldout_accuracy(
     if limit == 0:
         return {}
     from glassbox.tasks import load_tasks
-    from glassbox.tasks.evaluate import evaluate
+    from glassbox.tasks.evaluate import evaluate, limit_per_family
 
-    by_family: dict[str, list] = {}
-    for t in load_tasks(spec, split="heldout"):
-        by_family.setdefault(t.family, []).append(t)
-    chosen = [t for ts in by_family.values() for t in ts[:limit]]
+    chosen = limit_per_family(load_tasks(spec, split="heldout"), limit)
     if not chosen:
         return {}
     model.eval()

@@ -373,13 +373,10 @@ def chat_val_loss(model: torch.nn.Module, batches: list[Batch], device: torch.de
 def heldout_tasks(spec: str, per_family: int) -> list:
     """The first ``per_family`` held-out chat tasks of each family of ``spec``."""
     from glassbox.tasks import load_tasks
+    from glassbox.tasks.evaluate import limit_per_family
 
-    seen: dict[str, int] = {}
-    out = []
-    for task in load_tasks(spec, split="heldout"):
-        if task.chat and seen.get(task.family, 0) < per_family:
-            seen[task.family] = seen.get(task.family, 0) + 1
-            out.append(task)
+    chat = [task for task in load_tasks(spec, split="heldout") if task.chat]
+    out = limit_per_family(chat, per_family)
     if not out:
         raise GlassboxError(f"--eval-tasks {spec} has no chat tasks to score.")
     return out
