@@ -125,6 +125,12 @@ def wait_until():
 
 
 @pytest.fixture(scope="session")
+def start_live():
+    """The ``start_server`` helper, for module-scoped servers built by a test module."""
+    return start_server
+
+
+@pytest.fixture(scope="session")
 def no_stop() -> dict[str, float]:
     """logit_bias that keeps the end tokens from being drawn: runs go to max_tokens."""
     return dict(NO_STOP)

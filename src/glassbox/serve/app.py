@@ -6,12 +6,14 @@
            <-- TokenEvents (asyncio queues) -- render.py / streaming.py: JSON body or SSE
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions, /health, /metrics, one
-module each. Errors are OpenAI-style bodies (errors.py). Models are loaded by loading.py.
+module each; ``playground=True`` adds the page at / and /v1/glassbox/ (playground.py).
+Errors are OpenAI-style bodies (errors.py). Models are loaded by loading.py.
 """
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -36,11 +38,15 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     limits: ServeLimits | None = None,
     allowed_hosts: list[str] | None = None,
+    playground: bool = False,
+    arena_dir: str | Path = "runs/arena",
 ) -> FastAPI:
     """Build the FastAPI app serving ``models`` (name -> ServedModel).
 
     ``api_key`` None serves without a key, to loopback Hosts only (plus
     ``allowed_hosts``); an empty key is refused rather than read as "no key".
+    ``playground`` adds the page at ``/`` and its API under /v1/glassbox/ (arena votes
+    go to ``arena_dir``; docs/playground.md).
     """
     if not models:
         raise GlassboxError("No models to serve.")
@@ -71,11 +77,20 @@ def create_app(
     install_error_handlers(app)
     for endpoint in ENDPOINTS:
         app.include_router(endpoint.router)
+    open_paths: frozenset[str] = frozenset()
+    if playground:
+        from glassbox.serve.endpoints import playground as playground_api
+        from glassbox.serve.playground_page import page_router
+
+        app.state.playground = playground_api.PlaygroundConfig(Path(arena_dir))
+        app.include_router(playground_api.router)
+        page, open_paths = page_router()
+        app.include_router(page)
     # Added first = innermost: the guard runs inside CORS, so its 401/403/413 answers
     # carry CORS headers, and preflight requests (no key by design) never reach it.
     app.add_middleware(
         GuardMiddleware, api_key=api_key, max_body_bytes=max_body_bytes,
-        allowed_hosts=allowed_hosts,
+        allowed_hosts=allowed_hosts, open_paths=open_paths,
     )  # fmt: skip
     if cors_origins:
         app.add_middleware(

@@ -62,6 +62,12 @@ def serve(
     max_queue_wait: Annotated[
         float, typer.Option(help="Seconds a request may wait for its first token (0 = none).")
     ] = 120.0,
+    playground: Annotated[
+        bool, typer.Option(help="Serve the playground page at / (docs/playground.md).")
+    ] = False,
+    arena_dir: Annotated[
+        str, typer.Option(help="Where the playground's arena appends votes (JSONL).")
+    ] = "runs/arena",
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds to let running requests finish.")
     ] = 30.0,
@@ -95,12 +101,15 @@ def serve(
         raise GlassboxError(f"Invalid limit: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     models = load_served_models(checkpoints, device, max_seqs, max_queue)
-    app = create_app(models, api_key, cors_origin, max_body_bytes, limits, allowed_host)
+    app = create_app(models, api_key, cors_origin, max_body_bytes, limits, allowed_host,
+                     playground=playground, arena_dir=arena_dir)  # fmt: skip
     names = ", ".join(models)
     if api_key is None and not is_loopback(host):
         typer.echo(f"WARNING: serving on {host} WITHOUT an API key.", err=True)
     typer.echo(f"serving {names} at http://{host}:{port}{root_path}/v1 "
                f"(docs: http://{host}:{port}{root_path}/docs)")  # fmt: skip
+    if playground:
+        typer.echo(f"playground: http://{host}:{port}{root_path}/ (votes: {arena_dir})")
     # uvicorn stops accepting on SIGTERM/SIGINT, lets running requests finish for up to
     # drain_timeout seconds, then cancels them (their engine sequences are aborted).
     uvicorn.run(

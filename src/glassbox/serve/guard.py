@@ -37,7 +37,8 @@ class GuardMiddleware:
 
     ``api_key`` None means no key (only loopback Hosts, plus ``allowed_hosts``, are
     answered); ``allowed_hosts`` given means the Host check applies even with a key;
-    ``"*"`` in it turns the Host check off.
+    ``"*"`` in it turns the Host check off. ``open_paths`` adds exact paths served
+    without a key (the playground page and its assets: the page asks for the key).
     """
 
     def __init__(
@@ -46,8 +47,10 @@ class GuardMiddleware:
         api_key: str | None,
         max_body_bytes: int,
         allowed_hosts: list[str] | None = None,
+        open_paths: frozenset[str] = frozenset(),
     ):
         self.app, self.max_body_bytes = app, max_body_bytes
+        self.open_paths = OPEN_PATHS | open_paths  # exact paths, e.g. the playground's files
         self._key = api_key.encode() if api_key is not None else None
         hosts = [host_name(h) for h in allowed_hosts or []]
         self.check_host = (api_key is None or bool(hosts)) and "*" not in hosts
@@ -89,7 +92,7 @@ class GuardMiddleware:
                     None,
                     "host_not_allowed",
                 )
-        if self._key is None or route_path(scope) in OPEN_PATHS:
+        if self._key is None or route_path(scope) in self.open_paths:
             return None
         scheme, _, given = headers.get("authorization", "").partition(" ")
         # Constant-time compare: the time taken must not reveal how much of a guess matched.
