@@ -10,6 +10,7 @@ import typer
 from glassbox.cli_config import config_command
 from glassbox.diffusion.cli import app as diffuse_app
 from glassbox.errors import GlassboxError
+from glassbox.rag.cli import register as register_rag
 from glassbox.serve.commands import register as register_serving
 from glassbox.train.pretrain import PretrainConfig
 
@@ -23,6 +24,7 @@ tokenizer_app = typer.Typer(help="Byte-level BPE tokenizers.", no_args_is_help=T
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(diffuse_app, name="diffuse")
 register_serving(app)
+register_rag(app)
 
 DATA_HELP = "Corpus: builtin:stdlib|builtin:python|builtin:pydoc, a file, directory, glob or .jsonl"
 

@@ -5,6 +5,8 @@ A corpus is a list of documents (strings). Specs accepted by ``--data``:
     builtin:stdlib    the standard library's .py sources and pydoc_data reference docs
     builtin:python    only the .py sources (code, comments, docstrings)
     builtin:pydoc     only the reference documentation (English prose)
+    builtin:world     articles about a generated fictional world (glassbox.data.world),
+                      its "seen" part; builtin:world-news: its events after the cutoff
     path/to/file.txt  one document per file
     path/to/dir       every text file under the directory (recursively)
     'glob/**/*.md'    files matching a glob pattern
@@ -21,7 +23,9 @@ from pathlib import Path
 
 from glassbox.errors import GlassboxError
 
-BUILTINS = ("builtin:stdlib", "builtin:python", "builtin:pydoc")
+BUILTINS = (
+    "builtin:stdlib", "builtin:python", "builtin:pydoc", "builtin:world", "builtin:world-news"
+)  # fmt: skip
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".jsonl", ".html", ".csv", ".tex", ""}
 # Skipped from the stdlib: the huge regression-test suites and vendored tools.
 _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages"}
@@ -92,6 +96,10 @@ def load_corpus(specs: str | list[str], text_field: str = "text") -> list[Docume
             found = python_sources()
         elif spec == "builtin:pydoc":
             found = pydoc_topics()
+        elif spec in ("builtin:world", "builtin:world-news"):
+            from glassbox.data.world import builtin_world
+
+            found = builtin_world().documents("news" if spec.endswith("news") else "seen")
         elif spec.startswith("builtin:"):
             raise GlassboxError(f"Unknown built-in corpus {spec!r}; choose one of {BUILTINS}.")
         else:

@@ -1,0 +1,54 @@
+"""builtin:world: deterministic per seed, answers true of the articles, splits disjoint."""
+
+import pytest
+
+from glassbox.data.corpus import load_corpus
+from glassbox.data.world import IDK, NUM_PHRASINGS, SPLITS, make_world
+from glassbox.errors import GlassboxError
+
+
+def test_same_seed_same_world_other_seed_other_world():
+    a, b, c = make_world(3), make_world(3), make_world(4)
+    assert [e.text for e in a.entities] == [e.text for e in b.entities]
+    assert [e.text for e in a.entities] != [e.text for e in c.entities]
+
+
+def test_every_answer_is_stated_in_its_entity_article():
+    w = make_world(0)
+    articles = {e.name: e.text for e in w.entities}
+    for split in SPLITS:
+        for p in range(NUM_PHRASINGS):
+            qs = w.questions(split, phrasing=p)
+            assert qs
+            for q in qs:
+                assert q.answer in articles[q.entity], q
+                assert q.entity.lower() in q.question.lower()
+
+
+def test_splits_are_disjoint_and_seen_articles_never_mention_unseen_or_news_entities():
+    w = make_world(0)
+    names = {s: {e.name for e in w.by_split(s)} for s in SPLITS}
+    assert not names["seen"] & names["unseen"] and not names["seen"] & names["news"]
+    seen_text = " ".join(d.text for d in w.documents("seen"))
+    for name in names["unseen"] | names["news"]:
+        assert name not in seen_text
+    assert all(int(e.facts["year"]) > w.cutoff_year for e in w.by_split("news"))
+    assert all(
+        int(e.facts["year"]) <= w.cutoff_year for e in w.by_split("seen") if e.kind == "event"
+    )
+
+
+def test_phrasings_differ_and_idk_answers():
+    w = make_world(0)
+    qs = [w.questions("unseen", p) for p in range(NUM_PHRASINGS)]
+    assert len({q[0].question for q in qs}) == NUM_PHRASINGS
+    assert {q.answer for q in w.questions("unseen", idk=True)} == {IDK}
+
+
+def test_builtin_corpus_specs_and_errors():
+    seen, news = load_corpus("builtin:world"), load_corpus("builtin:world-news")
+    assert seen and news and not {d.name for d in seen} & {d.name for d in news}
+    with pytest.raises(GlassboxError, match="phrasing=9"):
+        make_world(0).questions("seen", phrasing=9)
+    with pytest.raises(GlassboxError, match="unseen=1.5"):
+        make_world(0, unseen=1.5)
