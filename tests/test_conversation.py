@@ -94,8 +94,8 @@ def test_jinja_template_renders_the_same_text(tokenizer):
     assert render_text(tokenizer, CHAT[:1]) == EOT + "<|system|>\n" + CHAT[0]["content"] + (
         END + "\n"
     )
-    with pytest.raises(GlassboxError, match="Unknown role: tool"):
-        render_jinja(CHAT_TEMPLATE, [{"role": "tool", "content": "x"}], False)
+    with pytest.raises(GlassboxError, match="Unknown role: robot"):
+        render_jinja(CHAT_TEMPLATE, [{"role": "robot", "content": "x"}], False)
 
 
 @pytest.mark.parametrize(

@@ -28,16 +28,37 @@ token, and 0 elsewhere (system and user turns, role headers, whatever a template
 after the end-of-turn token). Where BPE merges a header's last character with the start
 of the content into one token (ours: content starting with two or more blank
 characters), that token counts as content: it cannot be split.
+
+**Tool calling** (OpenAI-style ``tools``, assistant ``tool_calls``, ``role: "tool"``
+messages) adds no special tokens, so every existing checkpoint can read it. Ours follow
+the Hermes/Qwen2.5 convention, flattened onto the three roles before encoding
+(:func:`flatten_tools`):
+
+- the tool definitions go into the system turn (appended to the first system message,
+  or a system turn of their own) as compact JSON lines between ``<tools>`` tags under a
+  short instruction (:data:`TOOLS_INTRO`);
+- an assistant call is text in the assistant turn:
+  ``<tool_call>\n{"name":...,"arguments":{...}}\n</tool_call>`` (parallel calls one
+  after another, separated by ``\n``), so the loss mask learns calls like any reply;
+- tool results are a turn with the user role marker holding
+  ``<tool_response>\n...\n</tool_response>`` (consecutive tool messages grouped into
+  one turn, separated by ``\n``).
+
+JSON is compact (``,`` and ``:`` with no spaces), the form the call grammar
+(:mod:`glassbox.infer.structured`, kind ``tool_calls``) generates, so a model sees its
+own calls in history exactly as it wrote them. :data:`CHAT_TEMPLATE` renders the same
+text from transformers' ``apply_chat_template(messages, tools=...)``. Foreign templates
+receive ``tools`` and the messages unchanged (transformers' convention).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from glassbox.errors import GlassboxError
 from glassbox.tokenizer import ASSISTANT, END, EOT, ROLE_TOKENS
@@ -45,8 +66,8 @@ from glassbox.tokenizer import ASSISTANT, END, EOT, ROLE_TOKENS
 if TYPE_CHECKING:
     from glassbox.tokenizer import Tokenizer
 
-ROLES = ("system", "user", "assistant")
-Message = Mapping[str, str]
+ROLES = ("system", "user", "assistant", "tool")
+Message = Mapping[str, Any]
 
 
 class ChatTokens(NamedTuple):
@@ -70,20 +91,174 @@ def _jinja_str(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
+TOOLS_INTRO = (
+    "# Tools\n\nYou may call one or more functions to help with the request. The "
+    "functions, one JSON object per line:\n<tools>\n"
+)
+TOOLS_OUTRO = (
+    "</tools>\n\nTo call a function, write its name and arguments as a JSON object "
+    'within <tool_call></tool_call> tags:\n<tool_call>\n{"name":<function-name>,'
+    '"arguments":<args-json-object>}\n</tool_call>'
+)
+CALL_OPEN, CALL_CLOSE = "<tool_call>\n", "\n</tool_call>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>\n", "\n</tool_response>"
+CALL_SEP = "\n"  # between parallel calls, and between grouped tool responses
+
+
+def compact_json(value: Any) -> str:
+    """JSON as the chat format writes it: no spaces, non-ASCII kept (Jinja's
+    ``tojson(separators=(',', ':'))`` in transformers' sandbox writes the same)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def tools_block(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The tool definitions as they appear in the system turn."""
+    return TOOLS_INTRO + "".join(compact_json(t) + "\n" for t in tools) + TOOLS_OUTRO
+
+
+def format_tool_call(name: str, arguments: str | Mapping[str, Any]) -> str:
+    """One call as the assistant writes it; ``arguments`` as a JSON string (OpenAI's
+    form, written verbatim) or an object."""
+    args = arguments if isinstance(arguments, str) else compact_json(arguments)
+    return f'{CALL_OPEN}{{"name":{compact_json(name)},"arguments":{args}}}{CALL_CLOSE}'
+
+
+def format_tool_response(content: str) -> str:
+    """One tool result as it appears in the (user-role) tool turn."""
+    return RESPONSE_OPEN + content + RESPONSE_CLOSE
+
+
+_CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
+
+
+class ParsedCall(NamedTuple):
+    """A call found in generated text: its name and arguments (a compact JSON string)."""
+
+    name: str
+    arguments: str
+
+
+def parse_tool_calls(
+    text: str, names: Collection[str] | None = None
+) -> tuple[str, list[ParsedCall]]:
+    """Split generated text into (content, calls): each complete ``<tool_call>`` block
+    whose body is ``{"name": str, "arguments": object}`` (the name one of ``names``,
+    when given) becomes a call, anything else stays content (an unfinished or malformed
+    block included). With calls, the content is the leftover text stripped ("" when
+    nothing is left)."""
+    calls: list[ParsedCall] = []
+    kept: list[str] = []
+    at = 0
+    for m in _CALL_RE.finditer(text):
+        call = _parse_call_body(m.group(1))
+        if call is None or (names is not None and call.name not in names):
+            continue
+        kept.append(text[at : m.start()])
+        at = m.end()
+        calls.append(call)
+    if not calls:
+        return text, []
+    kept.append(text[at:])
+    return "".join(kept).strip(), calls
+
+
+def _parse_call_body(body: str) -> ParsedCall | None:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict) or set(value) != {"name", "arguments"}:
+        return None
+    name, args = value["name"], value["arguments"]
+    if not isinstance(name, str) or not isinstance(args, dict):
+        return None
+    return ParsedCall(name, compact_json(args))
+
+
+def flatten_tools(
+    messages: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+) -> list[dict[str, str]]:
+    """Tool definitions, calls and results as plain system/user/assistant turns (see the
+    module docstring); a conversation without them comes back as it was."""
+    out: list[dict[str, str]] = []
+    rest = list(messages)
+    if tools:
+        head = ""
+        if rest and rest[0]["role"] == "system":
+            head = rest.pop(0)["content"] + "\n\n"
+        out.append({"role": "system", "content": head + tools_block(tools)})
+    previous = None
+    for m in rest:
+        if m["role"] == "tool":
+            piece = format_tool_response(m["content"])
+            if previous == "tool":
+                out[-1]["content"] += CALL_SEP + piece
+            else:
+                out.append({"role": "user", "content": piece})
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            calls = [format_tool_call(**c["function"]) for c in m["tool_calls"]]
+            parts = ([m["content"]] if m["content"] else []) + calls
+            out.append({"role": "assistant", "content": CALL_SEP.join(parts)})
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+        previous = m["role"]
+    return out
+
+
 def _built_in_jinja() -> str:
+    j = _jinja_str
     branches = "".join(
-        f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{role}' %}}"
-        f"{{{{ {_jinja_str(marker)} }}}}"
+        f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{role}' %}}{{{{ {j(marker)} }}}}"
         for i, (role, marker) in enumerate(ROLE_TOKENS.items())
     )
     unknown = "{{ raise_exception('Unknown role: ' + message['role']) }}"
-    return (
-        f"{{{{ {_jinja_str(EOT)} }}}}"
-        "{% for message in messages %}"
-        f"{branches}{{% else %}}{unknown}{{% endif %}}"
-        f"{{{{ {_jinja_str(HEADER_END)} + message['content'] + {_jinja_str(END + AFTER_END)} }}}}"
+    compact = "tojson(separators=(',', ':'))"
+    system_head = (
+        "{% if tools %}"
+        f"{{{{ {j(ROLE_TOKENS['system'] + HEADER_END)} }}}}"
+        "{% if messages and messages[0]['role'] == 'system' %}"
+        "{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+        f"{{{{ {j(TOOLS_INTRO)} }}}}"
+        f"{{% for tool in tools %}}{{{{ tool|{compact} + '\n' }}}}{{% endfor %}}"
+        f"{{{{ {j(TOOLS_OUTRO + END + AFTER_END)} }}}}"
+        "{% endif %}"
+    )
+    tool_turn = (
+        "{% if loop.first or loop.previtem['role'] != 'tool' %}"
+        f"{{{{ {j(ROLE_TOKENS['user'] + HEADER_END)} }}}}"
+        f"{{% else %}}{{{{ {j(CALL_SEP)} }}}}{{% endif %}}"
+        f"{{{{ {j(RESPONSE_OPEN)} + message['content'] + {j(RESPONSE_CLOSE)} }}}}"
+        "{% if loop.last or loop.nextitem['role'] != 'tool' %}"
+        f"{{{{ {j(END + AFTER_END)} }}}}{{% endif %}}"
+    )
+    call_head, call_mid = CALL_OPEN + '{"name":', ',"arguments":'
+    calls = (
+        f"{{% if message['content'] %}}{{{{ message['content'] + {j(CALL_SEP)} }}}}{{% endif %}}"
+        "{% for call in message['tool_calls'] %}"
+        "{% if call['function'] is defined %}{% set fn = call['function'] %}"
+        "{% else %}{% set fn = call %}{% endif %}"
+        f"{{% if not loop.first %}}{{{{ {j(CALL_SEP)} }}}}{{% endif %}}"
+        f"{{{{ {j(call_head)} + fn['name']|tojson + {j(call_mid)} }}}}"
+        "{% if fn['arguments'] is string %}{{ fn['arguments'] }}"
+        f"{{% else %}}{{{{ fn['arguments']|{compact} }}}}{{% endif %}}"
+        f"{{{{ {j('}' + CALL_CLOSE)} }}}}"
         "{% endfor %}"
-        f"{{% if add_generation_prompt %}}{{{{ {_jinja_str(GENERATION_PROMPT)} }}}}{{% endif %}}"
+    )
+    turn = (
+        f"{branches}{{% else %}}{unknown}{{% endif %}}{{{{ {j(HEADER_END)} }}}}"
+        "{% if message['role'] == 'assistant' and message['tool_calls'] is defined "
+        f"and message['tool_calls'] %}}{calls}"
+        "{% else %}{{ message['content'] }}{% endif %}"
+        f"{{{{ {j(END + AFTER_END)} }}}}"
+    )
+    return (
+        f"{{{{ {j(EOT)} }}}}{system_head}"
+        "{% for message in messages %}"
+        "{% if loop.first and tools and message['role'] == 'system' %}"
+        f"{{% elif message['role'] == 'tool' %}}{tool_turn}"
+        f"{{% else %}}{turn}{{% endif %}}"
+        "{% endfor %}"
+        f"{{% if add_generation_prompt %}}{{{{ {j(GENERATION_PROMPT)} }}}}{{% endif %}}"
     )
 
 
@@ -127,8 +302,11 @@ def _built_in_ids(
 # ---------------------------------------------------------------------------------------
 
 
-def validate_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
-    """Plain ``{"role", "content"}`` copies of ``messages``; mistakes raise GlassboxError."""
+def validate_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """Plain copies of ``messages``; mistakes raise GlassboxError.
+
+    Each is ``{"role", "content"}``; an assistant message may carry ``tool_calls``
+    (content may then be None/empty) and a tool message a ``tool_call_id``."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise GlassboxError(
             "messages must be a list of {'role', 'content'} dicts, got "
@@ -144,40 +322,85 @@ def validate_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise GlassboxError(f"messages[{i}].role={role!r} is not one of {list(ROLES)}.")
+        calls = m.get("tool_calls") if role == "assistant" else None
+        if calls and content is None:
+            content = ""
         if not isinstance(content, str):
             raise GlassboxError(
                 f"messages[{i}].content must be a string, got {type(content).__name__}; "
                 "send the message text as 'content'."
             )
-        out.append({"role": role, "content": content})
+        msg: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            msg["tool_calls"] = [_validate_call(c, f"messages[{i}].tool_calls[{k}]")
+                                 for k, c in enumerate(calls)]  # fmt: skip
+        if role == "tool" and m.get("tool_call_id") is not None:
+            msg["tool_call_id"] = str(m["tool_call_id"])
+        out.append(msg)
     return out
 
 
+def _validate_call(call: Any, where: str) -> dict[str, Any]:
+    """An OpenAI tool call ``{"id", "type", "function": {"name", "arguments"}}`` (or
+    transformers' flat ``{"name", "arguments"}``), normalized to the OpenAI shape."""
+    fn = call.get("function", call) if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+        raise GlassboxError(
+            f"{where} must be {{'type': 'function', 'function': {{'name': str, "
+            "'arguments': str}}."
+        )
+    args = fn.get("arguments", {})
+    if not isinstance(args, (str, Mapping)):
+        raise GlassboxError(f"{where}.function.arguments must be a JSON string or an object.")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def _plain(tok: Tokenizer, messages: Sequence[Message], tools) -> list[dict[str, Any]]:
+    msgs = validate_messages(messages)
+    return msgs if tok.is_foreign else flatten_tools(msgs, tools)
+
+
 def render_text(
-    tok: Tokenizer, messages: Sequence[Message], add_generation_prompt: bool = False
+    tok: Tokenizer,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = False,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """The conversation as text (what a Jinja chat template would render)."""
-    msgs = validate_messages(messages)
+    msgs = _plain(tok, messages, tools)
     if tok.is_foreign:
-        return render_jinja(_template_of(tok), msgs, add_generation_prompt, tok.template_tokens)
+        return render_jinja(
+            _template_of(tok), msgs, add_generation_prompt, tok.template_tokens, tools
+        )
     return _built_in_text(msgs, add_generation_prompt)
 
 
-def encode_prompt(tok: Tokenizer, messages: Sequence[Message]) -> list[int]:
+def encode_prompt(
+    tok: Tokenizer,
+    messages: Sequence[Message],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[int]:
     """Token ids for generation: the conversation, then the assistant header, so the
     model continues as the assistant and stops at an id in ``tok.stop_ids``."""
-    msgs = validate_messages(messages)
+    msgs = _plain(tok, messages, tools)
     if tok.is_foreign:
-        return _foreign_ids(tok, msgs, add_generation_prompt=True)
+        return _foreign_ids(tok, msgs, True, tools)
     return _built_in_ids(tok, msgs, add_generation_prompt=True).ids
 
 
-def encode_conversation(tok: Tokenizer, messages: Sequence[Message]) -> ChatTokens:
+def encode_conversation(
+    tok: Tokenizer,
+    messages: Sequence[Message],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> ChatTokens:
     """Token ids of the whole conversation and its loss mask for fine-tuning: the mask
-    is 1 exactly over assistant content and end-of-turn tokens."""
-    msgs = validate_messages(messages)
+    is 1 exactly over assistant content (tool calls included) and end-of-turn tokens."""
+    msgs = _plain(tok, messages, tools)
     if tok.is_foreign:
-        return _foreign_conversation(tok, msgs)
+        return _foreign_conversation(tok, msgs, tools)
     return _built_in_ids(tok, msgs, add_generation_prompt=False)
 
 
@@ -235,9 +458,10 @@ def _compile(template: str):
 
 def render_jinja(
     template: str,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     add_generation_prompt: bool,
     special_tokens: Mapping[str, str] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """Render a Jinja chat template as transformers' ``apply_chat_template`` does, with
     ``special_tokens`` (bos_token, eos_token, ...) as template variables."""
@@ -248,7 +472,7 @@ def render_jinja(
         return compiled.render(
             messages=[dict(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
-            tools=None,
+            tools=[dict(t) for t in tools] if tools else None,
             documents=None,
             **dict(special_tokens or {}),
         )
@@ -257,29 +481,33 @@ def render_jinja(
 
 
 def _foreign_ids(
-    tok: Tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool
+    tok: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool, tools=None
 ) -> list[int]:
     template = _template_of(tok)
-    text = render_jinja(template, messages, add_generation_prompt, tok.template_tokens)
+    text = render_jinja(template, messages, add_generation_prompt, tok.template_tokens, tools)
     if not _contents_with_special_text(tok, messages):
         return tok.encode(text, allow_special=True)  # transformers' ids exactly
-    return _encode_content_as_text(tok, template, messages, add_generation_prompt)
+    return _encode_content_as_text(tok, template, messages, add_generation_prompt, tools)
 
 
-def _contents_with_special_text(tok: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def _contents_with_special_text(tok: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
     specials = tok.special_tokens()
     return [i for i, m in enumerate(messages) if any(s in m["content"] for s in specials)]
 
 
 def _encode_content_as_text(
-    tok: Tokenizer, template: str, messages: list[dict[str, str]], add_generation_prompt: bool
+    tok: Tokenizer,
+    template: str,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool,
+    tools=None,
 ) -> list[int]:
     """Some content holds special-token text: render with placeholders, then encode the
     template's text with special tokens and each content as plain text, so content never
     becomes a role marker (transformers would parse it as one)."""
     marks = [f"\x00glassbox-content-{i}\x00" for i in range(len(messages))]
     placeholders = [m | {"content": mark} for m, mark in zip(messages, marks, strict=True)]
-    text = render_jinja(template, placeholders, add_generation_prompt, tok.template_tokens)
+    text = render_jinja(template, placeholders, add_generation_prompt, tok.template_tokens, tools)
     pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", text)
     if pieces[1::2] != marks:
         bad = _contents_with_special_text(tok, messages)[0]
@@ -297,14 +525,14 @@ def _encode_content_as_text(
     return ids
 
 
-def _foreign_conversation(tok: Tokenizer, messages: list[dict[str, str]]) -> ChatTokens:
-    ids = _foreign_ids(tok, messages, add_generation_prompt=False)
+def _foreign_conversation(tok: Tokenizer, messages: list[dict[str, Any]], tools=None) -> ChatTokens:
+    ids = _foreign_ids(tok, messages, False, tools)
     mask = [0] * len(ids)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _foreign_ids(tok, messages[:i], add_generation_prompt=True)
-        upto = _foreign_ids(tok, messages[: i + 1], add_generation_prompt=False)
+        before = _foreign_ids(tok, messages[:i], True, tools)
+        upto = _foreign_ids(tok, messages[: i + 1], False, tools)
         if upto[: len(before)] != before or ids[: len(upto)] != upto:
             raise GlassboxError(
                 f"The chat template is not prefix-consistent at messages[{i}]: rendering the "

@@ -6,7 +6,7 @@ tokenizer and, at every decoding step, answers "which token ids may come next?" 
 bitmask. The engine turns that bitmask into -inf logits before sampling and feeds every
 chosen token back to the matcher.
 
-    spec (json_object | json_schema | regex | choice)
+    spec (json_object | json_schema | regex | choice | tool_calls)
       --GrammarCompiler.compile--> Grammar (compiled once under explicit limits, cached)
       --Grammar.matcher()--> TokenMatcher (a deep copy per sequence: mask, accept, done)
 """
@@ -26,7 +26,7 @@ import torch
 from glassbox.errors import GlassboxError
 from glassbox.tokenizer import Tokenizer
 
-ConstraintKind = Literal["json_object", "json_schema", "regex", "choice"]
+ConstraintKind = Literal["json_object", "json_schema", "regex", "choice", "tool_calls"]
 
 # Compact JSON (no optional whitespace): a weak model cannot wander off into endless
 # spaces and newlines, and outputs stay short.
@@ -35,8 +35,9 @@ _JSON_OPTIONS = {"whitespace_flexible": False}
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the output must match: a JSON object, a JSON schema, a regex, or one of a
-    list of strings. ``value`` is the schema (dict), the regex, or the list of choices."""
+    """What the output must match: a JSON object, a JSON schema, a regex, one of a list
+    of strings, or tool calls. ``value`` is the schema (dict), the regex, the list of
+    choices, or for ``tool_calls`` a dict (see :func:`tool_calls_constraint`)."""
 
     kind: ConstraintKind
     value: Any = None
@@ -203,6 +204,78 @@ def grammar_text(constraint: Constraint) -> str:
             raise GlassboxError("choice strings must not be empty.")
         # Lark string literals take JSON-style escapes, so json.dumps quotes each choice.
         return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+    if kind == "tool_calls":
+        return llg.LLMatcher.grammar_from_lark(tool_calls_lark(value))
     raise GlassboxError(
-        f"Unknown constraint type {kind!r}; use json_object, json_schema, regex or choice."
+        f"Unknown constraint type {kind!r}; use json_object, json_schema, regex, choice or "
+        "tool_calls."
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Tool calls: <tool_call> blocks (glassbox.conversation's format), one Lark grammar
+# ---------------------------------------------------------------------------------------
+
+_NO_WHITESPACE = {"x-guidance": _JSON_OPTIONS}
+
+
+def tool_calls_constraint(
+    tools: list[dict[str, Any]],
+    mode: Literal["required", "auto"],
+    parallel: bool,
+    text_schema: dict[str, Any] | None = None,
+) -> Constraint:
+    """The constraint for tool calling. ``tools``: ``[{"name", "parameters"}]`` (the
+    functions the output may call; one entry for a named ``tool_choice``). ``required``:
+    the output is calls only; ``auto``: plain text (without ``<tool_call>``; or JSON
+    matching ``text_schema`` when given) or calls. ``parallel``: one or more calls,
+    else exactly one."""
+    value = {"tools": tools, "mode": mode, "parallel": parallel, "text_schema": text_schema}
+    return Constraint("tool_calls", value)
+
+
+def call_schema(name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The JSON schema of one call body ``{"name": name, "arguments": {...}}``; the
+    parameters' ``$defs``/``definitions`` move to the top so ``#/$defs/..`` refs resolve."""
+    params = dict(parameters) if parameters else {"type": "object"}
+    hoisted = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
+    params.pop("$schema", None)
+    params.setdefault("type", "object")
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+        **hoisted,
+        **_NO_WHITESPACE,
+    }
+
+
+def tool_calls_lark(value: Any) -> str:
+    """The Lark grammar for a ``tool_calls`` constraint (see :func:`tool_calls_constraint`)."""
+    from glassbox.conversation import CALL_CLOSE, CALL_OPEN, CALL_SEP
+
+    if not isinstance(value, dict) or not value.get("tools"):
+        raise GlassboxError("tool_calls needs a non-empty list of tools.")
+    rules = []
+    for i, tool in enumerate(value["tools"]):
+        schema = call_schema(tool["name"], tool.get("parameters"))
+        rules.append(f"tool_{i}: %json {json.dumps(schema)}")
+    names = " | ".join(f"tool_{i}" for i in range(len(value["tools"])))
+    calls = f"call ({json.dumps(CALL_SEP)} call)*" if value.get("parallel") else "call"
+    lines = [
+        f"calls: {calls}",
+        f"call: {json.dumps(CALL_OPEN)} body {json.dumps(CALL_CLOSE)}",
+        f"body: {names}",
+        *rules,
+    ]
+    if value.get("mode") == "required":
+        return "\n".join(["start: calls", *lines])
+    text = value.get("text_schema")
+    if text is not None:
+        lines.append(f"text: %json {json.dumps({**text, **_NO_WHITESPACE})}")
+    else:
+        # Any non-empty text that never writes the call tag.
+        open_tag = CALL_OPEN.strip()
+        lines.append(f"text: TEXT\nTEXT: /(.|\\n)+/ & ~/(.|\\n)*{open_tag}(.|\\n)*/")
+    return "\n".join(["start: text | calls", *lines])

@@ -31,6 +31,7 @@ class ServeLimits:
     max_stop_chars: int = 256  # characters in one stop string
     max_schema_bytes: int = 32_768  # a guided_json/regex/choice/response_format, as JSON
     max_schema_depth: int = 64  # nesting of a JSON schema
+    max_tools: int = 128  # tools in one chat request (OpenAI's limit)
     grammar_timeout: float = 10.0  # seconds to compile one grammar
     request_timeout: float | None = 600.0  # seconds from arrival to the last token
     max_queue_wait: float | None = 120.0  # seconds from arrival to the first token

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from glassbox.errors import GlassboxError
 from glassbox.infer.engine import GenerationRequest
@@ -27,6 +27,7 @@ from glassbox.serve.limits import (
     check_range,
     check_stop,
 )
+from glassbox.serve.tools import ToolPlan, check_history, plan_tools
 
 # Sampling fields whose ranges SamplingParams.validate knows, by their HTTP names.
 _RANGED = (
@@ -204,13 +205,44 @@ class TextPart(BaseModel):
     text: str = ""
 
 
-class ChatMessage(BaseModel):
-    """One chat message; content is text or a list of text parts."""
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCall(BaseModel):
+    """An assistant's earlier tool call, sent back in the history."""
 
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """One chat message; content is text or a list of text parts. Assistant messages
+    may carry ``tool_calls``; ``role: "tool"`` messages answer one by ``tool_call_id``."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message for glassbox.conversation ("developer" is OpenAI's newer name for
+        the system role)."""
+        out: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.role == "assistant" and self.tool_calls:
+            out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -233,15 +265,50 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    _tool_plan: ToolPlan | None = PrivateAttr(default=None)
 
-    def chat_messages(self, limits: ServeLimits) -> list[dict[str, str]]:
+    def chat_messages(self, limits: ServeLimits) -> list[dict[str, Any]]:
         """The messages for the chat template, within the server's caps."""
         if not self.messages:
             raise bad_request("messages is empty; send at least one message.", "messages")
         check_count("messages", self.messages, "messages", limits.max_messages, "max_messages")
-        # "developer" is OpenAI's newer name for the system role.
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+        messages = [m.as_dict() for m in self.messages]
+        for i, m in enumerate(messages):
+            if "tool_calls" in m:
+                check_constraint_size(f"messages[{i}].tool_calls", m["tool_calls"], limits)
+        check_history(messages)
+        return messages
+
+    def plan_tools(self, limits: ServeLimits, foreign: bool) -> ToolPlan:
+        """Validate ``tools``/``tool_choice``/``parallel_tool_calls`` (400s naming them)."""
+        self._tool_plan = plan_tools(
+            self.tools, self.tool_choice, self.parallel_tool_calls, limits, foreign
+        )
+        return self._tool_plan
+
+    @property
+    def tool_plan(self) -> ToolPlan | None:
+        return self._tool_plan
+
+    def constraint(self, limits: ServeLimits) -> tuple[str, Constraint] | None:
+        """With tools to call, the tool-call grammar; a response_format JSON schema then
+        shapes the text branch of ``auto`` (``required``/named replies are calls only)."""
+        plan = self._tool_plan
+        if plan is None or plan.constraint(None) is None:
+            return super().constraint(limits)
+        for name in ("guided_json", "guided_regex", "guided_choice"):
+            if getattr(self, name) is not None:
+                raise bad_request(
+                    f"{name} cannot be combined with tools; use response_format for the "
+                    "shape of a text reply, or tool_choice='none'.",
+                    name,
+                )
+        found = super().constraint(limits)
+        text_schema = None
+        if found is not None:  # response_format
+            c = found[1]
+            text_schema = {"type": "object"} if c.kind == "json_object" else c.value
+        return "tools", plan.constraint(text_schema)

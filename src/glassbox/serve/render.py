@@ -7,6 +7,7 @@ import time
 
 from glassbox.infer.engine import RequestStream, TokenEvent
 from glassbox.serve.loading import ServedModel
+from glassbox.serve.tools import ToolCallStream, message_with_calls
 
 
 class Renderer:
@@ -24,6 +25,10 @@ class Renderer:
         self.lps: dict[int, list[TokenEvent]] = {}
         self.finish: dict[int, str | None] = {}
         self.object = "chat.completion" if chat else "text_completion"
+        # Tool calling: the reply's text is parsed into tool_calls (see serve/tools.py).
+        plan = getattr(body, "tool_plan", None) if chat else None
+        self.tool_names = plan.names if plan is not None and plan.parses else None
+        self.tool_streams: dict[int, ToolCallStream] = {}
 
     def index(self, prompt_i: int, ev: TokenEvent) -> int:
         return prompt_i * self.n + ev.index
@@ -93,12 +98,17 @@ class Renderer:
         for i in sorted(self.text):
             text = "".join(self.text[i])
             lp = self.logprobs_obj(self.lps.get(i, []))
+            finish = self.finish.get(i)
             if self.chat:
-                msg = {"role": "assistant", "content": text}
+                msg, called = {"role": "assistant", "content": text}, False
+                if self.tool_names is not None:
+                    msg, called = message_with_calls(text, self.tool_names)
+                if called and finish == "stop":
+                    finish = "tool_calls"
                 choice = {"index": i, "message": msg, "logprobs": lp}
             else:
                 choice = {"index": i, "text": text, "logprobs": lp}
-            choice["finish_reason"] = self.finish.get(i)
+            choice["finish_reason"] = finish
             choices.append(choice)
         return {
             "id": self.rid, "object": self.object, "created": self.created,
@@ -134,6 +144,8 @@ class Renderer:
 
     def event_chunk(self, prompt_i: int, ev: TokenEvent, offset: int) -> str | None:
         """The chunk for one event (None when it carries nothing to show)."""
+        if self.tool_names is not None:
+            return self._tool_event_chunks(prompt_i, ev, offset)
         i = self.index(prompt_i, ev)
         lp_events = [ev] if ev.logprob is not None else []
         if not ev.text and ev.finish_reason is None and not lp_events:
@@ -146,3 +158,26 @@ class Renderer:
             choice = {"index": i, "text": ev.text, "logprobs": lp}
         choice["finish_reason"] = ev.finish_reason
         return self.chunk([choice])
+
+    def _tool_event_chunks(self, prompt_i: int, ev: TokenEvent, offset: int) -> str | None:
+        """With tools: content and tool-call deltas from the choice's ToolCallStream; the
+        last chunk of a choice carries the finish reason ("tool_calls" after calls)."""
+        i = self.index(prompt_i, ev)
+        stream = self.tool_streams.setdefault(i, ToolCallStream(self.tool_names))
+        deltas = stream.feed(ev.text)
+        finish = ev.finish_reason
+        if finish is not None:
+            deltas += stream.finish()
+            if stream.calls and finish == "stop":
+                finish = "tool_calls"
+        lp = self.logprobs_obj([ev], offset) if ev.logprob is not None else None
+        if not deltas and finish is None and lp is None:
+            return None
+        deltas = deltas or [{}]
+        chunks = []
+        for k, delta in enumerate(deltas):
+            last = k == len(deltas) - 1
+            choice = {"index": i, "delta": delta, "logprobs": lp if k == 0 else None,
+                      "finish_reason": finish if last else None}  # fmt: skip
+            chunks.append(self.chunk([choice]))
+        return "".join(chunks)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from glassbox.conversation import encode_prompt
 from glassbox.serve.errors import bad_request
 from glassbox.serve.generation import BIG_PROMPT_CHARS, generate, off_loop
 from glassbox.serve.limits import check_range, over
@@ -16,13 +19,12 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    """OpenAI's chat completions API (text content; no tools)."""
+    """OpenAI's chat completions API (text content; tool calling, docs/serving.md)."""
     state = get_state(request)
     sm = state.model(body.model)
     limits = state.limits
     with state.counting_rejections(sm):
-        if body.tools:
-            raise bad_request("tools (function calling) are not supported.", "tools")
+        plan = body.plan_tools(limits, sm.tokenizer.is_foreign)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         if body.top_logprobs is not None and not body.logprobs:
@@ -32,10 +34,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                         "max_top_logprobs")  # fmt: skip
         messages = body.chat_messages(limits)
         chars = sum(len(m["content"]) for m in messages)
+        chars += sum(len(json.dumps(m.get("tool_calls", ""))) for m in messages)
         if chars > limits.max_prompt_chars:
             raise over("messages", "characters of content", chars, limits.max_prompt_chars,
                        "max_prompt_chars")  # fmt: skip
         body.check_limits(limits, 1)
-        prompt = await off_loop(sm.tokenizer.encode_chat, messages, heavy=chars > BIG_PROMPT_CHARS)
+        tools = plan.tools or None
+        heavy = chars > BIG_PROMPT_CHARS or tools is not None
+        prompt = await off_loop(encode_prompt, sm.tokenizer, messages, tools, heavy=heavy)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await generate(request, state, sm, body, [prompt], logprobs, True, "messages")
