@@ -48,6 +48,12 @@ def patch_forward(monkeypatch, model, should_fail) -> None:
     monkeypatch.setattr(model, "forward", forward)
 
 
+def prefills(idx, prompt: list[int]) -> bool:
+    """Whether a forward prefills ``prompt`` whole: one row of a batched prefill, which
+    left-pads its rows, so a row's prompt is its last tokens."""
+    return idx.shape[1] > 1 and any(row[-len(prompt) :] == prompt for row in idx.tolist())
+
+
 def rows_of(idx, rows) -> list[int]:
     return list(range(idx.shape[0])) if rows is None else rows.tolist()
 
@@ -72,9 +78,7 @@ def run_all(eng: Engine, reqs: list[GenerationRequest]) -> list[list]:
 def test_prefill_fault_fails_only_that_request(monkeypatch, model, tok, alone):
     ps = prompts(tok)
     victim = ps[1]
-    patch_forward(
-        monkeypatch, model, lambda idx, rows: idx.shape[1] > 1 and idx[0].tolist() == victim
-    )
+    patch_forward(monkeypatch, model, lambda idx, rows: prefills(idx, victim))
     eng = Engine(model, tok, max_seqs=3)  # 2 + 2 + 1 + 1 sequences: some must queue
     reqs = [GenerationRequest(p, GREEDY, 12, n=2 if i < 2 else 1) for i, p in enumerate(ps)]
     groups = run_all(eng, reqs)
@@ -237,7 +241,7 @@ def test_async_fault_reaches_only_its_stream(monkeypatch, model, tok, alone, pha
             return False
         v = victim_streams[0].seqs[0]
         if phase == "prefill":
-            return idx.shape[1] > 1 and idx[0].tolist() == ps[1]
+            return prefills(idx, ps[1])
         return idx.shape[1] == 1 and len(v.output) >= 3 and v.slot in rows_of(idx, rows)
 
     patch_forward(monkeypatch, model, fails)
@@ -309,7 +313,7 @@ def test_cancel_during_prefill(monkeypatch, model, tok, alone):
     streams: list[RequestStream] = []
 
     def cancel_in_prefill(idx, rows):
-        if idx.shape[1] > 1 and idx[0].tolist() == ps[1]:
+        if prefills(idx, ps[1]):
             streams[1].cancel()  # arrives while the engine thread is inside prefill
         return False
 

@@ -112,6 +112,7 @@ class Sequence:
     logprobs: list[float] | None = None  # per sampled token (stop token included)
     stop_token: int | None = None  # the stop token that ended it, if one did
     slot: int = -1
+    prefilled: int = 0  # prompt tokens in the cache (< len(prompt): still prefilling)
     finish_reason: str | None = None
     error: BaseException | None = None
     group: list[Sequence] = field(default_factory=list)  # all n choices of the request
@@ -138,10 +139,38 @@ Events = list[tuple[Sequence, TokenEvent]]
 @torch.inference_mode()
 def prefill(model: Transformer, cache: KVCache, prompt: torch.Tensor, slot: int) -> torch.Tensor:
     """Run a whole prompt (T,) into cache row ``slot``; return next-token logits (1, V)."""
-    T = prompt.shape[0]
-    input_pos = torch.arange(T, device=prompt.device).view(1, T)  # (1, T)
-    rows = torch.tensor([slot], device=prompt.device)
-    return model(prompt.view(1, T), cache, input_pos, rows, last_only=True)[:, -1]  # (1, V)
+    return prefill_chunks(model, cache, [prompt], [0], [slot])
+
+
+@torch.inference_mode()
+def prefill_chunks(
+    model: Transformer,
+    cache: KVCache,
+    chunks: list[torch.Tensor],  # B chunks (c_b,) of prompt tokens
+    starts: list[int],  # cache position of each chunk's first token
+    slots: list[int],  # cache row of each chunk
+) -> torch.Tensor:
+    """Prefill B prompt chunks of different lengths in ONE forward; returns the logits
+    after each chunk's last token (B, V).
+
+    Rows are LEFT-padded to the longest chunk so every row's last token is the last
+    column (the LM head then runs on one position per row). A padding token sits at
+    its row's next position ``start + c``: real tokens (positions < start + c) cannot
+    see it, and that cache entry is written again, by the real token, before any real
+    token reads it (the next chunk or the first decode step writes position start + c
+    first). The prompt + at least one new token fit the cache, so start + c < max_len.
+    """
+    B, T = len(chunks), max(c.shape[0] for c in chunks)
+    device = chunks[0].device
+    idx = torch.zeros(B, T, dtype=torch.long, device=device)  # (B, T)
+    input_pos = torch.empty(B, T, dtype=torch.long, device=device)  # (B, T)
+    for b, (chunk, start) in enumerate(zip(chunks, starts, strict=True)):
+        c = chunk.shape[0]
+        idx[b, T - c :] = chunk
+        input_pos[b, T - c :] = torch.arange(start, start + c, device=device)
+        input_pos[b, : T - c] = start + c
+    rows = torch.tensor(slots, device=device)
+    return model(idx, cache, input_pos, rows, last_only=True)[:, -1]  # (B, V)
 
 
 @torch.inference_mode()
@@ -175,7 +204,8 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         max_seqs: int = 16,
         max_len: int | None = None,
-        max_prefill_tokens: int = 512,
+        max_batched_tokens: int = 256,
+        compile: str = "off",
     ):
         ctx = model.cfg.context_length
         max_len = max_len or ctx
@@ -185,11 +215,14 @@ class Engine:
             raise GlassboxError(
                 f"max_len={max_len} is out of range; use 1..{ctx} (the model's context window)."
             )
+        if max_batched_tokens < 1:
+            raise GlassboxError(
+                f"max_batched_tokens={max_batched_tokens} must be >= 1 (tokens per step)."
+            )
         self.model = model
-        # Prompt tokens prefilled per step (at least one request): a burst of arrivals
-        # is admitted over several steps, so running sequences keep decoding and first
-        # tokens go out sooner.
-        self.max_prefill_tokens = max_prefill_tokens
+        # Tokens one step may run: one per decoding sequence, the rest prompt chunks.
+        # A long prompt is prefilled over several steps while the others keep decoding.
+        self.max_batched_tokens = max_batched_tokens
         self.tokenizer = tokenizer
         self.cfg = model.cfg
         self.device = model.embed.weight.device
@@ -345,10 +378,11 @@ class Engine:
     # -- one scheduling step ----------------------------------------------------------
 
     def step(self) -> Events:
-        """Admit + prefill new requests, then decode one token for the others."""
+        """Prefill prompt chunks (continuing ones first, then newly admitted requests)
+        in one forward, then decode one token for every sequence past its prefill."""
         events: Events = []
-        decoding = list(self.running)
-        self._admit(events)
+        decoding = [s for s in self.running if s.output and s.finish_reason is None]
+        self._prefill_step(max(1, self.max_batched_tokens - len(decoding)), events)
         decoding = [s for s in decoding if s.finish_reason is None]
         if decoding:
             logits, decoding = self._decode(decoding, events)
@@ -360,39 +394,77 @@ class Engine:
                 seq.on_event(ev)
         return events
 
-    def _admit(self, events: Events) -> None:
-        budget = self.max_prefill_tokens
-        while self.waiting and len(self.waiting[0]) <= len(self.free_slots):
-            group = self.waiting[0]
-            if budget < len(group[0].prompt) and budget < self.max_prefill_tokens:
-                break  # this step's prefill budget is spent (one request always fits)
-            self.waiting.popleft()
-            budget -= len(group[0].prompt)
+    def _prefill_step(self, budget: int, events: Events) -> None:
+        """Choose this step's prompt chunks under ``budget`` tokens and run them."""
+        work: list[tuple[list[Sequence], int]] = []  # (request's sequences, chunk length)
+        for group in self._prefilling():
+            if budget <= 0:
+                break
+            c = min(budget, len(group[0].prompt) - group[0].prefilled)
+            work.append((group, c))
+            budget -= c
+        while budget > 0 and self.waiting and len(self.waiting[0]) <= len(self.free_slots):
+            group = self.waiting.popleft()
             for seq in group:  # slots first: whatever happens next, _release returns them
                 seq.slot = self.free_slots.pop(0)
                 self.running.append(seq)
             self.running.sort(key=lambda s: s.slot)
             if self.on_admit is not None:
                 self.on_admit(group)
-            try:
-                logits = self._prefill(group)
-            except Exception as e:  # this request's fault alone: fail it, keep going
-                self._fail(group[0], e, events)
-                self._release()
-                continue
-            self._sample(group, logits.expand(len(group), -1), events)
+            c = min(budget, len(group[0].prompt))
+            work.append((group, c))
+            budget -= c
+        if work:
+            self._run_prefill(work, events)
 
-    def _prefill(self, group: list[Sequence]) -> torch.Tensor:
-        """Prefill the shared prompt once into the first slot and copy the cache row to
-        the other choices' slots. Returns the first-token logits (1, V)."""
-        prompt = torch.tensor(group[0].prompt, device=self.device)
-        first = group[0].slot
-        logits = prefill(self.model, self.cache, prompt, first)
-        T = prompt.shape[0]
+    def _prefilling(self) -> list[list[Sequence]]:
+        """Requests holding slots whose prompt is not all in the cache, oldest first."""
+        groups = {id(s.group): s.group for s in self.running if s.prefilled < len(s.prompt)}
+        live = [g for g in groups.values() if g[0].finish_reason is None]
+        return sorted(live, key=lambda g: g[0].seq_id)
+
+    def _run_prefill(self, work: list[tuple[list[Sequence], int]], events: Events) -> None:
+        """One forward for every chunk. If it raises, retry each chunk alone: the ones
+        that fail alone fail their request; the others go on. A request whose last
+        chunk ran samples its first tokens."""
+        try:
+            done = list(zip(work, self._prefill_forward(work), strict=True))
+        except Exception as batch_error:
+            if len(work) == 1:
+                self._fail(work[0][0][0], batch_error, events)
+                self._release()
+                return
+            done = []
+            for item in work:  # re-running a chunk rewrites the same cache entries
+                try:
+                    done.append((item, self._prefill_forward([item])[0]))
+                except Exception as e:
+                    self._fail(item[0][0], e, events)
+        for (group, c), logits in done:
+            if group[0].finish_reason is not None:
+                continue
+            for seq in group:
+                seq.prefilled += c
+            if group[0].prefilled == len(group[0].prompt):
+                self._copy_prompt(group)
+                self._sample(group, logits.view(1, -1).expand(len(group), -1), events)
+        self._release()
+
+    def _prefill_forward(self, work: list[tuple[list[Sequence], int]]) -> torch.Tensor:
+        chunks, starts, slots = [], [], []
+        for group, c in work:
+            start = group[0].prefilled
+            chunks.append(torch.tensor(group[0].prompt[start : start + c], device=self.device))
+            starts.append(start)
+            slots.append(group[0].slot)
+        return prefill_chunks(self.model, self.cache, chunks, starts, slots)  # (B, V)
+
+    def _copy_prompt(self, group: list[Sequence]) -> None:
+        """The n choices of a request share one prefill: copy the first slot's prompt."""
+        T, first = len(group[0].prompt), group[0].slot
         for seq in group[1:]:
             self.cache.k[:, seq.slot, :T] = self.cache.k[:, first, :T]
             self.cache.v[:, seq.slot, :T] = self.cache.v[:, first, :T]
-        return logits
 
     def _decode(self, seqs: list[Sequence], events: Events) -> tuple[torch.Tensor, list[Sequence]]:
         """One batched decode step. If it raises, retry each row alone: rows that fail
