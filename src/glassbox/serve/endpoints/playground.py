@@ -110,8 +110,14 @@ class VoteRequest(_Base):
 # -- helpers --------------------------------------------------------------------------
 
 
+def token_display(sm: ServedModel, token: int) -> str:
+    """A token's text, or its bytes as <0xNN> when they are part of a UTF-8 character."""
+    text, raw = sm.token_text(token)
+    return "".join(f"<0x{b:02X}>" for b in raw) if "\ufffd" in text else text
+
+
 def _tokens(sm: ServedModel, ids: list[int]) -> list[dict]:
-    return [{"id": i, "text": sm.token_text(i)[0]} for i in ids]
+    return [{"id": i, "text": token_display(sm, i)} for i in ids]
 
 
 def _context_ids(
@@ -202,7 +208,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     sm = get_state(request).model(body.model)
     if (body.text is None) == (body.messages is None):
         raise bad_request("Give exactly one of text and messages.", "text")
-    _check_chars(request, body.text or "" + "".join(m.content for m in body.messages or []))
+    _check_chars(request, (body.text or "") + "".join(m.content for m in body.messages or []))
     if body.text is not None:
         ids = await asyncio.to_thread(sm.tokenizer.encode, body.text)
     else:
@@ -270,7 +276,7 @@ async def next_token(body: NextTokenRequest, request: Request) -> dict:
         logits = _LOGITS.get(sm, ids)
         gen = torch.Generator().manual_seed(body.seed)
         d = step_distribution(logits, params, body.top_n, gen)
-        text = {c.id: sm.token_text(c.id)[0] for c in d.candidates}
+        text = {c.id: token_display(sm, c.id) for c in d.candidates}
         chosen_p = float(d.log_probs_final[d.chosen].exp())
         return {
             "token_ids": ids,
@@ -280,7 +286,7 @@ async def next_token(body: NextTokenRequest, request: Request) -> dict:
             "vocab_size": int(logits.shape[0]),
             "entropy_raw": d.entropy_raw,
             "entropy_final": d.entropy_final,
-            "chosen": {"id": d.chosen, "text": sm.token_text(d.chosen)[0], "p_final": chosen_p},
+            "chosen": {"id": d.chosen, "text": token_display(sm, d.chosen), "p_final": chosen_p},
             "stop": d.chosen in sm.stop_ids,
         }
 
