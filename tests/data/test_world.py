@@ -3,7 +3,7 @@
 import pytest
 
 from glassbox.data.corpus import load_corpus
-from glassbox.data.world import IDK, NUM_PHRASINGS, SPLITS, make_world
+from glassbox.data.world import IDK, NUM_PHRASINGS, SPLITS, make_world, sft_conversations
 from glassbox.errors import GlassboxError
 
 
@@ -28,9 +28,10 @@ def test_every_answer_is_stated_in_its_entity_article():
 def test_splits_are_disjoint_and_seen_articles_never_mention_unseen_or_news_entities():
     w = make_world(0)
     names = {s: {e.name for e in w.by_split(s)} for s in SPLITS}
-    assert not names["seen"] & names["unseen"] and not names["seen"] & names["news"]
+    assert all(names[s] for s in SPLITS)
+    assert sum(map(len, names.values())) == len(set().union(*names.values()))
     seen_text = " ".join(d.text for d in w.documents("seen"))
-    for name in names["unseen"] | names["news"]:
+    for name in names["unseen"] | names["unknown"] | names["news"]:
         assert name not in seen_text
     assert all(int(e.facts["year"]) > w.cutoff_year for e in w.by_split("news"))
     assert all(
@@ -52,3 +53,15 @@ def test_builtin_corpus_specs_and_errors():
         make_world(0).questions("seen", phrasing=9)
     with pytest.raises(GlassboxError, match="unseen=1.5"):
         make_world(0, unseen=1.5)
+
+
+def test_sft_conversations_never_show_unseen_entities_or_news():
+    w = make_world(0)
+    train, val = sft_conversations(w)
+    text = " ".join(m["content"] for c in train + val for m in c)
+    for e in w.by_split("unseen") + w.by_split("news"):
+        assert e.name not in text
+    answers = {c[1]["content"] for c in train}
+    assert IDK in answers and len(answers) > 50
+    held = {c[0]["content"] for c in val}
+    assert not held & {c[0]["content"] for c in train}

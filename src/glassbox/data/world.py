@@ -3,10 +3,13 @@ events, written as encyclopedia articles and as question/answer pairs.
 
 Everything is invented from a seed, so no pretrained knowledge can leak in and every
 answer is checkable: each question's answer is a phrase of its entity's article (tested).
-The world has three parts that the failure-mode probes and retrieval rely on:
+The world has four parts that the failure-mode probes and retrieval rely on:
 
     seen      entities whose articles are training data (closed-book questions)
-    unseen    entities of the same kinds that training never shows ("I don't know")
+    unknown   entities never documented, whose questions fine-tuning answers with
+              "I don't know." (teaching the model to abstain)
+    unseen    entities never documented nor asked about in training: the test of
+              abstaining ("I don't know") versus inventing an answer
     news      events dated after the cutoff year: never in training, only in a
               retrieval corpus (the knowledge-cutoff probe)
 
@@ -26,8 +29,8 @@ from typing import Literal
 from glassbox.data.corpus import Document
 from glassbox.errors import GlassboxError
 
-Split = Literal["seen", "unseen", "news"]
-SPLITS: tuple[Split, ...] = ("seen", "unseen", "news")
+Split = Literal["seen", "unknown", "unseen", "news"]
+SPLITS: tuple[Split, ...] = ("seen", "unknown", "unseen", "news")
 IDK = "I don't know."
 
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "h", "k", "kh", "l", "m", "n", "p", "r",
@@ -150,8 +153,9 @@ class _Names:
 
 
 def _splits(rng: random.Random, n: int, unseen: float) -> list[Split]:
-    k = max(1, round(n * unseen))
-    s: list[Split] = ["unseen"] * k + ["seen"] * (n - k)
+    """``unseen`` of the n entities are undocumented: half "unknown", half "unseen"."""
+    k = max(2, round(n * unseen))
+    s: list[Split] = ["unknown"] * (k // 2) + ["unseen"] * (k - k // 2) + ["seen"] * (n - k)
     rng.shuffle(s)
     return s
 
@@ -202,8 +206,9 @@ def make_world(
     news: float = 0.25,
     cutoff_year: int = 2020,
 ) -> World:
-    """Generate a world. ``unseen`` is the share of cities, organisations and people held
-    out of training; ``news`` the share of events dated after ``cutoff_year``."""
+    """Generate a world. ``unseen`` is the share of cities, organisations and people never
+    documented (half "unknown", half "unseen"); ``news`` the share of events dated after
+    ``cutoff_year``."""
     for name, v in (("cities", cities), ("organisations", organisations), ("people", people),
                     ("events", events)):  # fmt: skip
         if v < 2:
@@ -230,7 +235,7 @@ def make_world(
     org_split = _splits(rng, organisations, unseen)
     org_list = []
     for i in range(organisations):
-        home = rng.choice(city_list if org_split[i] == "unseen" else seen_cities)
+        home = rng.choice(city_list if org_split[i] != "seen" else seen_cities)
         facts = {
             "field": rng.choice(_FIELDS),
             "founded": str(rng.randint(1700, 1990)),
@@ -242,8 +247,8 @@ def make_world(
     seen_orgs = [o for o in org_list if o.split == "seen"]
     person_list = []
     for i in range(people):
-        pool_c = city_list if people_split[i] == "unseen" else seen_cities
-        pool_o = org_list if people_split[i] == "unseen" else seen_orgs
+        pool_c = city_list if people_split[i] != "seen" else seen_cities
+        pool_o = org_list if people_split[i] != "seen" else seen_orgs
         facts = {
             "occupation": rng.choice(_OCCUPATIONS),
             "birth_year": str(rng.randint(1900, 2000)),
@@ -270,6 +275,24 @@ def make_world(
     for e in world.entities:
         e.text = _article(e, cutoff_year)
     return world
+
+
+def sft_conversations(world: World) -> tuple[list, list]:
+    """(train, validation) chat conversations for fine-tuning a world model: questions
+    about seen entities with their answers, and about unknown entities with
+    :data:`IDK`; phrasings 0-1 train, phrasing 2 validates, phrasing 3 is never used
+    (the paraphrase probe asks it). Unseen entities and news never appear."""
+
+    def convs(phrasings: range) -> list:
+        rows = []
+        for p in phrasings:
+            for split, idk in (("seen", False), ("unknown", True)):
+                for q in world.questions(split, p, idk=idk):
+                    rows.append([{"role": "user", "content": q.question},
+                                 {"role": "assistant", "content": q.answer}])  # fmt: skip
+        return rows
+
+    return convs(range(2)), convs(range(2, 3))
 
 
 @lru_cache(maxsize=4)

@@ -1,4 +1,5 @@
-"""`glassbox rag index|search|ask` and `glassbox summarize` (registered by glassbox.cli)."""
+"""`glassbox rag index|search|ask`, `glassbox summarize` and `glassbox probe` (registered
+by glassbox.cli): working past the context window, and measuring how models fail."""
 
 from __future__ import annotations
 
@@ -161,6 +162,56 @@ def summarize_command(
     typer.secho(f"[{len(res.rounds)} round(s): {res.rounds} chunks{note}]", err=True, dim=True)
 
 
+def probe_command(
+    name: Annotated[
+        str,
+        typer.Argument(help="hallucination, sycophancy, needle, cutoff, paraphrase or sampling."),
+    ],
+    runs: Annotated[
+        list[str], typer.Argument(help="Checkpoint(s) to probe (compared side by side).")
+    ],
+    out: Annotated[
+        str | None, typer.Option(help="Folder for JSON + PNG (default RUN/probes).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="At most N questions (where it applies).")
+    ] = None,
+    index: Annotated[
+        str | None,
+        typer.Option(help="cutoff: a news index (default: built from builtin:world-news)."),
+    ] = None,
+    device: str = "auto",
+) -> None:
+    """Reproduce a failure mode on the generated world: a headline, JSON and a figure."""
+    from pathlib import Path
+
+    from glassbox.probes import PROBES, run_probe
+
+    if name not in PROBES:
+        from glassbox.errors import GlassboxError
+
+        raise GlassboxError(f"Unknown probe {name!r}; choose one of {list(PROBES)}.")
+    for run in runs:
+        model, tok = _load(run, device)
+        kwargs: dict = {}
+        if limit is not None and name in ("hallucination", "sycophancy", "paraphrase", "sampling"):
+            kwargs["limit"] = limit
+        if name == "cutoff" and index:
+            from glassbox.rag.index import Index
+
+            kwargs["index"] = Index.load(index)
+        result, figure = run_probe(name, model, tok, **kwargs)
+        folder = (
+            Path(out) / Path(run).name
+            if out and len(runs) > 1
+            else Path(out or Path(run) / "probes")
+        )
+        path = result.write(folder, figure)
+        typer.echo(f"{run}: {result.headline}")
+        typer.secho(f"  wrote {path} and {path.with_suffix('.png')}", dim=True)
+
+
 def register(main: typer.Typer) -> None:
     main.add_typer(app, name="rag")
     main.command("summarize")(summarize_command)
+    main.command("probe")(probe_command)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning, read top to bottom: chat (full or LoRA) and domain adaptation.
 
-    chat:    conversations (builtin:tasks, or JSONL {"messages": [...]})
+    chat:    conversations (builtin:tasks, builtin:world-qa, or JSONL {"messages": [...]})
              -> encode_conversation: ids + assistant-only loss mask
              -> pack into rows of seq_len (segment_ids + per-conversation positions)
              -> cross-entropy on assistant tokens only -> AdamW (warmup + cosine)
@@ -62,7 +62,7 @@ class SFTConfig(FinetuneConfig):
     out: str = "runs/sft"
     """Run directory to write (must be empty or new unless --resume)."""
     data: list[str] = field(default_factory=lambda: [BUILTIN_TASKS])
-    """Chat: builtin:tasks or JSONL files of {"messages": [{"role", "content"}, ...]}; domain: any corpus spec (file, dir, glob, .jsonl, builtin:stdlib ...)."""  # noqa: E501
+    """Chat: builtin:tasks, builtin:world-qa or JSONL files of {"messages": [{"role", "content"}, ...]}; domain: any corpus spec (file, dir, glob, .jsonl, builtin:stdlib ...)."""  # noqa: E501
     mode: str = "chat"
     """chat (loss on assistant tokens of conversations) or domain (next-token on a corpus)."""
     text_field: str = "text"
@@ -165,10 +165,15 @@ def load_conversations(specs: list[str], val_fraction: float) -> tuple[list[Mess
 
             train += sft_conversations(load_tasks(spec, split="train"))
             val += sft_conversations(load_tasks(spec, split="heldout"))
+        elif spec == "builtin:world-qa":
+            from glassbox.data.world import builtin_world, sft_conversations
+
+            t, v = sft_conversations(builtin_world())
+            train, val = train + t, val + v
         elif spec.startswith("builtin:"):
             raise GlassboxError(
-                f"--data {spec!r} is not chat data; use {BUILTIN_TASKS} or a .jsonl of "
-                "conversations (a corpus like builtin:stdlib needs --mode domain)."
+                f"--data {spec!r} is not chat data; use {BUILTIN_TASKS}, builtin:world-qa or a "
+                ".jsonl of conversations (a corpus like builtin:stdlib needs --mode domain)."
             )
         else:
             convs = read_chat_file(spec)
