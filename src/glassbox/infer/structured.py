@@ -236,8 +236,13 @@ def tool_calls_constraint(
 
 def call_schema(name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
     """The JSON schema of one call body ``{"name": name, "arguments": {...}}``; the
-    parameters' ``$defs``/``definitions`` move to the top so ``#/$defs/..`` refs resolve."""
-    params = dict(parameters) if parameters else {"type": "object"}
+    parameters' ``$defs``/``definitions`` move to the top so ``#/$defs/..`` refs resolve.
+
+    Objects that list ``properties`` but do not say ``additionalProperties`` generate
+    only the listed ones (as llama.cpp's grammars do): JSON Schema would allow any extra
+    key, and an untrained model wanders off into them until max_tokens cuts the call.
+    What is generated still validates against the schema as given."""
+    params = _closed(parameters) if parameters else {"type": "object"}
     hoisted = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
     params.pop("$schema", None)
     params.setdefault("type", "object")
@@ -249,6 +254,32 @@ def call_schema(name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
         **hoisted,
         **_NO_WHITESPACE,
     }
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_ONE = ("items", "additionalItems", "contains", "not", "if", "then", "else",
+               "additionalProperties", "propertyNames", "unevaluatedProperties")  # fmt: skip
+_SCHEMA_LISTS = ("prefixItems", "allOf", "anyOf", "oneOf", "items")
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of ``schema`` with ``additionalProperties: false`` on every object schema
+    that lists ``properties`` and leaves additional ones unsaid."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: _closed(v) for k, v in out[key].items()}
+    for key in _SCHEMA_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = _closed(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_closed(x) for x in out[key]]
+    if "properties" in out and not {"additionalProperties", "patternProperties"} & set(out):
+        out["additionalProperties"] = False
+    return out
 
 
 def tool_calls_lark(value: Any) -> str:
