@@ -4,8 +4,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from glassbox.conversation import (
     CHAT_TEMPLATE,
+    TOOLS_INTRO,
     encode_conversation,
     encode_prompt,
+    format_tool_call,
+    parse_tool_calls,
     render_jinja,
     render_text,
 )
@@ -157,3 +160,66 @@ def test_foreign_template_errors_are_clear(chatml):
     assert broken.end_id == broken.token_to_id("</s>")  # no end-of-turn found: eos
     with pytest.raises(GlassboxError, match="does not compile"):
         encode_prompt(broken, CHAT)
+
+
+# -- tool calling -------------------------------------------------------------------
+
+INT = {"type": "integer"}
+PARAMS = {"type": "object", "properties": {"a": INT, "b": INT}}
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": PARAMS}}]
+ADD = {"name": "add", "arguments": '{"a":2,"b":3}'}
+CALL = {"id": "call_1", "type": "function", "function": ADD}
+TOOL_CHAT = [
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": None, "tool_calls": [CALL, CALL | {"id": "call_2"}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "5"},
+    {"role": "assistant", "content": "It is 5."},
+]
+CALL_TEXT = '<tool_call>\n{"name":"add","arguments":{"a":2,"b":3}}\n</tool_call>'
+
+
+def test_tool_turns_render_hermes_style_and_mask_only_the_assistant(tokenizer):
+    ids, mask = encode_conversation(tokenizer, TOOL_CHAT, TOOLS)
+    text = render_text(tokenizer, TOOL_CHAT, tools=TOOLS)
+    assert tokenizer.decode(ids) == text
+    assert text.startswith(EOT + "<|system|>\n" + TOOLS_INTRO)
+    assert '{"type":"function","function":{"name":"add"' in text
+    # Calls are learned like any reply; results are a user-role turn, not learned.
+    assert masked_runs(tokenizer, ids, mask) == [f"{CALL_TEXT}\n{CALL_TEXT}{END}", f"It is 5.{END}"]
+    assert (
+        f"{USER}\n<tool_response>\n5\n</tool_response>\n<tool_response>\n5\n</tool_response>{END}"
+        in text
+    )
+    # Our own Jinja renders the same, with and without a user system message.
+    with_system = [{"role": "system", "content": "Be exact."}, *TOOL_CHAT]
+    for msgs in (TOOL_CHAT, with_system):
+        for n in range(len(msgs) + 1):
+            for gen in (False, True):
+                jinja = render_jinja(CHAT_TEMPLATE, msgs[:n], gen, tokenizer.template_tokens, TOOLS)
+                assert jinja == render_text(tokenizer, msgs[:n], gen, TOOLS)
+    assert render_text(tokenizer, with_system, tools=TOOLS).count("<|system|>") == 1
+
+
+def test_parse_tool_calls_round_trips_what_the_format_writes():
+    text = CALL_TEXT + "\n" + format_tool_call("now", {})
+    content, calls = parse_tool_calls(text)
+    assert content == "" and calls == [("add", '{"a":2,"b":3}'), ("now", "{}")]
+    assert parse_tool_calls(text, names={"now"}) == (CALL_TEXT, [("now", "{}")])
+    for broken in ('<tool_call>\n{"name":"add"}\n</tool_call>', CALL_TEXT[:-3], "hi"):
+        assert parse_tool_calls(broken) == (broken, [])
+
+
+def test_bad_tool_calls_are_clear_errors(tokenizer):
+    bad = [{"role": "assistant", "content": None, "tool_calls": [{"type": "function"}]}]
+    with pytest.raises(GlassboxError, match=r"messages\[0\]\.tool_calls\[0\] must be"):
+        encode_conversation(tokenizer, bad)
+
+
+def test_foreign_templates_receive_tools(chatml):
+    template = (
+        "{% if tools %}{{ tools|length }} tools: {{ tools[0]['function']['name'] }}{% endif %}"
+        + CHATML
+    )
+    tok = Tokenizer(chatml.hf, {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
+    assert render_text(tok, TOOL_CHAT[:1], tools=TOOLS).startswith("1 tools: add<s>")

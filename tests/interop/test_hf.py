@@ -312,3 +312,47 @@ def test_import_rejects_other_architectures(tmp_path):
     ckpt.save_json({"model_type": "gpt2"}, tmp_path / "src" / "config.json")
     with pytest.raises(GlassboxError, match="model_type='gpt2'"):
         import_hf(tmp_path / "src", tmp_path / "out")
+
+
+# A full tool round trip: definitions, parallel calls (arguments as a JSON string and as
+# an object), two grouped results, the answer.
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "add", "description": "Add two numbers (ünïcode kept).",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"},
+                                                        "b": {"type": "integer"}},
+                       "required": ["a", "b"]}}},
+    {"type": "function", "function": {"name": "now", "description": "The time."}},
+]  # fmt: skip
+TOOL_CHAT = [
+    {"role": "system", "content": "Use the tools."},
+    {"role": "user", "content": "What is 2 + 3, and the time?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "add", "arguments": '{"a":2,"b":3}'}},
+        {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": {}}},
+    ]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "5"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "12:00"},
+    {"role": "assistant", "content": "5, at 12:00."},
+]  # fmt: skip
+
+
+def test_exported_template_renders_tool_round_trips_like_ours(tmp_path, tokenizer):
+    save_ours(tmp_path, tokenizer)
+    export_hf(tmp_path / "ours", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for start in (0, 1):  # with and without a system message of the user's
+        chat = TOOL_CHAT[start:]
+        for n in range(1, len(chat) + 1):
+            msgs = chat[:n]
+            ours = encode_prompt(tokenizer, msgs, TOOLS)
+            theirs = hf_tok.apply_chat_template(
+                msgs, tools=TOOLS, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            assert theirs == ours, n
+            full = hf_tok.apply_chat_template(msgs, tools=TOOLS, tokenize=True, return_dict=False)
+            assert full == encode_conversation(tokenizer, msgs, TOOLS).ids
+    text = hf_tok.apply_chat_template(TOOL_CHAT, tools=TOOLS, tokenize=False)
+    assert '<tool_call>\n{"name":"add","arguments":{"a":2,"b":3}}\n</tool_call>\n' in text
+    assert "<tool_response>\n5\n</tool_response>\n<tool_response>\n12:00" in text
