@@ -131,6 +131,24 @@ def start_live():
 
 
 @pytest.fixture(scope="session")
+def tiny_diffusion():
+    """A random class-conditioned 8x8 denoiser behind the diffusion pipeline."""
+    from glassbox.diffusion.model import Denoiser, DiffusionConfig
+    from glassbox.diffusion.pipeline import DiffusionPipeline
+    from glassbox.diffusion.unet import UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNetConfig(image_size=8, in_channels=3, channels=8, channel_mults=(1, 2),
+                      attn_resolutions=(4,), heads=2, groups=4, num_classes=3)  # fmt: skip
+    model = Denoiser(DiffusionConfig(unet=unet, text=None, class_names=["red", "green", "blue"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.2)
+    return DiffusionPipeline(model.eval())
+
+
+@pytest.fixture(scope="session")
 def no_stop() -> dict[str, float]:
     """logit_bias that keeps the end tokens from being drawn: runs go to max_tokens."""
     return dict(NO_STOP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import threading
@@ -18,13 +19,14 @@ from glassbox.serve import arena
 
 
 @pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory, start_live):
+def server(tiny_ckpt, tmp_path_factory, start_live, tiny_diffusion):
     """A key-protected server with the playground on, votes in a temporary directory."""
     from glassbox.serve.app import create_app, load_served_models
 
     arena_dir = tmp_path_factory.mktemp("arena")
     models = load_served_models([f"tiny={tiny_ckpt}"], device="cpu")
-    app = create_app(models, api_key="test-key", playground=True, arena_dir=arena_dir)
+    app = create_app(models, api_key="test-key", playground=True, arena_dir=arena_dir,
+                     diffusion={"shapes": tiny_diffusion})  # fmt: skip
     srv = start_live(app)
     srv.arena_dir = arena_dir
     yield srv
@@ -283,3 +285,36 @@ def test_bradley_terry_and_elo_by_hand():
     top = board["players"][0]
     assert top["name"] == "A" and top["bt_ci"][0] <= top["bt"] <= top["bt_ci"][1]
     assert top["wins"] == 2 and top["ties"] == 1 and top["losses"] == 1
+
+
+# -- diffusion ------------------------------------------------------------------------
+
+
+def test_diffusion_trajectory_frames(client):
+    info = client.get("/v1/glassbox/info").json()
+    assert info["diffusion"] == [{"id": "shapes", "condition": "classes: red, green, blue"}]
+    body = {"run": "shapes", "prompt": "green", "steps": 6, "guidance": 2.0, "seed": 1}
+    r = client.post("/v1/glassbox/diffusion", json=body).json()
+    frames = r["frames"]
+    assert len(frames) == 7 and frames[-1]["t"] == -1  # every step, then the final image
+    ts = [f["t"] for f in frames[:-1]]
+    assert ts == sorted(ts, reverse=True)  # noise first
+    for f in frames:
+        for key in ("x_t", "x0"):
+            assert f[key].startswith("data:image/png;base64,")
+            png = base64.b64decode(f[key].split(",", 1)[1])
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    again = client.post("/v1/glassbox/diffusion", json=body).json()
+    assert again["frames"][-1] == frames[-1]  # seeded: the same image
+
+
+def test_diffusion_errors(client):
+    for body, param in [
+        ({"run": "shapes", "prompt": "purple"}, "prompt"),
+        ({"run": "shapes", "prompt": 0, "steps": 0}, "steps"),
+        ({"run": "shapes", "prompt": 0, "guidance": 99}, "guidance"),
+        ({"run": "nope", "prompt": 0}, "run"),
+    ]:
+        r = client.post("/v1/glassbox/diffusion", json=body)
+        assert r.status_code in (400, 404), body
+        assert r.json()["error"]["param"] == param, (body, r.json())

@@ -36,12 +36,13 @@ def shot(page, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory, start_live):
+def server(tiny_ckpt, tmp_path_factory, start_live, tiny_diffusion):
     from glassbox.serve.app import create_app, load_served_models
 
     arena_dir = tmp_path_factory.mktemp("arena")
     models = load_served_models([f"tiny={tiny_ckpt}", f"tiny2={tiny_ckpt}"], device="cpu")
-    app = create_app(models, api_key=KEY, playground=True, arena_dir=arena_dir)
+    app = create_app(models, api_key=KEY, playground=True, arena_dir=arena_dir,
+                     diffusion={"shapes": tiny_diffusion})  # fmt: skip
     srv = start_live(app)
     srv.arena_dir = arena_dir
     yield srv
@@ -210,3 +211,17 @@ def test_arena_vote_lands_and_changes_leaderboard(page, server):
     expect(board).to_have_attribute("data-games", str(before + 1))
     expect(page.locator("#ar-votes")).to_have_text(str(before + 1))
     shot(page, "arena")
+
+
+def test_images_play_the_denoising_trajectory(page):
+    page.click("#tab-images")
+    expect(page.locator("#img-ui")).to_be_visible()
+    page.fill("#img-prompt", "blue")
+    page.fill("#img-steps", "8")
+    page.click("#img-go")
+    expect(page.locator("#img-frame")).to_have_attribute("max", "8")
+    expect(page.locator("#img-frame-out")).to_have_text("final image")
+    assert page.get_attribute("#img-x0", "src").startswith("data:image/png;base64,")
+    page.locator("#img-frame").fill("0")
+    expect(page.locator("#img-frame-out")).to_contain_text("step 1 of 8")
+    shot(page, "images")

@@ -8,6 +8,7 @@
     GET  /v1/glassbox/arena/leaderboard   Bradley-Terry and Elo with 95% intervals
     GET  /v1/glassbox/arena/votes    the votes file (preferences or ties) as JSONL
     GET  /v1/glassbox/info           what the page needs to draw itself
+    POST /v1/glassbox/diffusion      denoising trajectory (playground_diffusion.py)
 
 Registered only with ``glassbox serve --playground``; the page itself is served by
 serve/playground_page.py. Model work runs off the event loop, so streams keep flowing.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -48,6 +49,7 @@ class PlaygroundConfig:
     """What ``--playground`` turned on (``app.state.playground``)."""
 
     arena_dir: Path
+    diffusion: dict = field(default_factory=dict)  # name -> DiffusionPipeline
 
 
 def playground(request: Request) -> PlaygroundConfig:
@@ -195,9 +197,13 @@ async def info(request: Request) -> dict:
         cfg = sm.engine.engine.model.cfg
         models.append({"id": name, "context_length": sm.context_length,
                        "n_layer": cfg.n_layer, "n_head": cfg.n_head})  # fmt: skip
+    from glassbox.serve.endpoints.playground_diffusion import describe
+
+    pg = playground(request)
     return {
         "models": models,
-        "arena_dir": str(playground(request).arena_dir),
+        "diffusion": [{"id": n, "condition": describe(p)} for n, p in pg.diffusion.items()],
+        "arena_dir": str(pg.arena_dir),
         "limits": {"max_top_n": MAX_TOP_N, "max_attention_tokens": MAX_ATTENTION_TOKENS},
     }
 
