@@ -68,6 +68,10 @@ def serve(
     arena_dir: Annotated[
         str, typer.Option(help="Where the playground's arena appends votes (JSONL).")
     ] = "runs/arena",
+    diffusion: Annotated[
+        list[str] | None,
+        typer.Option(help="Diffusion run for the playground's Images view (PATH or NAME=PATH)."),
+    ] = None,
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds to let running requests finish.")
     ] = 30.0,
@@ -101,8 +105,15 @@ def serve(
         raise GlassboxError(f"Invalid limit: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     models = load_served_models(checkpoints, device, max_seqs, max_queue)
+    runs = None
+    if diffusion:
+        if not playground:
+            raise GlassboxError("--diffusion serves a run to the playground; add --playground.")
+        from glassbox.serve.endpoints.playground_diffusion import load_diffusion_runs
+
+        runs = load_diffusion_runs(diffusion, device)
     app = create_app(models, api_key, cors_origin, max_body_bytes, limits, allowed_host,
-                     playground=playground, arena_dir=arena_dir)  # fmt: skip
+                     playground=playground, arena_dir=arena_dir, diffusion=runs)  # fmt: skip
     names = ", ".join(models)
     if api_key is None and not is_loopback(host):
         typer.echo(f"WARNING: serving on {host} WITHOUT an API key.", err=True)
