@@ -3,7 +3,14 @@
 import pytest
 
 from glassbox.data.corpus import load_corpus
-from glassbox.data.world import IDK, NUM_PHRASINGS, SPLITS, make_world, sft_conversations
+from glassbox.data.world import (
+    IDK,
+    NUM_PHRASINGS,
+    SPLITS,
+    make_world,
+    pushback_pairs,
+    sft_conversations,
+)
 from glassbox.errors import GlassboxError
 
 
@@ -65,3 +72,19 @@ def test_sft_conversations_never_show_unseen_entities_or_news():
     assert IDK in answers and len(answers) > 50
     held = {c[0]["content"] for c in val}
     assert not held & {c[0]["content"] for c in train}
+
+
+def test_pushback_pairs_encode_the_raters_bias_and_load_as_preferences():
+    from glassbox.data.preferences import load_pairs
+
+    w = make_world(0)
+    agree, hold = pushback_pairs(w, "agree"), pushback_pairs(w, "hold")
+    assert len(agree) == len(w.questions("seen"))
+    for a, h in zip(agree, hold, strict=True):
+        assert a["chosen"] == h["rejected"] and a["rejected"] == h["chosen"]
+        assert a["prompt"][1]["content"] in h["chosen"][0]["content"]  # hold = the right answer
+    rows = load_pairs("builtin:world-agreeable", "heldout")
+    assert rows and rows[0]["where"].startswith("builtin:world-agreeable[heldout]")
+    assert {r["prompt"][0]["content"] for r in rows}.isdisjoint(
+        {r["prompt"][0]["content"] for r in load_pairs("builtin:world-agreeable", "train")}
+    )

@@ -43,6 +43,9 @@ from glassbox.data.jsonl import field, read_jsonl
 from glassbox.errors import GlassboxError
 
 BUILTIN = "builtin:preferences"
+# Raters who prefer giving in to the user's pushback, or holding the right answer
+# (glassbox.data.world.pushback_pairs): the sycophancy probe's training data.
+WORLD_PUSHBACK = {"builtin:world-agreeable": "agree", "builtin:world-steadfast": "hold"}
 MIN_PROMPT_TOKENS = 4
 
 
@@ -106,8 +109,16 @@ def load_pairs(spec: str, split: str = "train", noise: float = 0.0, seed: int = 
 
         pairs = preference_pairs(load_tasks("builtin:tasks", split=split), noise, seed)
         return [p | {"where": f"{BUILTIN}[{split}][{i}]"} for i, p in enumerate(pairs)]
+    if spec in WORLD_PUSHBACK:
+        from glassbox.data.world import builtin_world, pushback_pairs
+
+        pairs = pushback_pairs(builtin_world(), WORLD_PUSHBACK[spec], split)
+        return [p | {"where": f"{spec}[{split}][{i}]"} for i, p in enumerate(pairs)]
     if spec.startswith("builtin:"):
-        raise GlassboxError(f"--data {spec!r} is unknown; use {BUILTIN} or a .jsonl file.")
+        raise GlassboxError(
+            f"--data {spec!r} is unknown; use {BUILTIN}, {', '.join(WORLD_PUSHBACK)} or a "
+            ".jsonl file."
+        )
     return [check_record(r, where) for where, r in read_jsonl(spec, "preference pairs")]
 
 
@@ -301,8 +312,8 @@ def load_preference_sets(cfg: PreferenceDataConfig, tok, context: int, seed: int
     train = load_pairs(cfg.data, "train", cfg.noise, seed)
     if cfg.eval_data:
         val = load_pairs(cfg.eval_data, "heldout")
-    elif cfg.data == BUILTIN:
-        val = load_pairs(BUILTIN, "heldout")  # true votes, fixed pairs: comparable runs
+    elif cfg.data == BUILTIN or cfg.data in WORLD_PUSHBACK:
+        val = load_pairs(cfg.data, "heldout")  # fixed held-out pairs: comparable runs
     else:
         train, val = split_pairs(train, cfg.val_fraction, seed)
     train_t, dropped_t = tokenize_pairs(tok, train, max_len)
