@@ -318,3 +318,18 @@ def test_diffusion_errors(client):
         r = client.post("/v1/glassbox/diffusion", json=body)
         assert r.status_code in (400, 404), body
         assert r.json()["error"]["param"] == param, (body, r.json())
+
+
+def test_reward_model_trains_on_arena_votes(client, server, tiny_ckpt, tmp_path):
+    """The loop closed: votes cast through the API train `glassbox reward` as they are."""
+    from glassbox.train.reward import RewardConfig, train_reward
+
+    for i in range(6):
+        vote(client, "a" if i % 2 else "b", text_a=f"answer {i}", text_b=f"other {i}")
+    votes = server.arena_dir / arena.PREFERENCES
+    cfg = RewardConfig(base=str(tiny_ckpt), out=str(tmp_path / "rm"), data=str(votes),
+                       batch_size=4, max_steps=3, eval_interval=3, log_interval=1,
+                       warmup_steps=1)  # fmt: skip
+    last = train_reward(cfg)
+    assert (tmp_path / "rm" / "model.safetensors").is_file()
+    assert 0.0 <= last["val_accuracy"] <= 1.0 and math.isfinite(last["train_loss"])

@@ -63,7 +63,9 @@ def page(browser, server):
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     pg = context.new_page()
     errors: list[str] = []
+    requests: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("request", lambda r: requests.append(r.url))
     pg.goto(server.url + "/")
     pg.fill("#api-key", KEY)
     pg.click("#key-form button[type=submit]")
@@ -71,6 +73,9 @@ def page(browser, server):
     yield pg
     context.close()
     assert not errors, errors
+    # No hidden network calls: everything the page fetched is from this server (or data:).
+    foreign = [u for u in requests if not u.startswith((server.url + "/", "data:", "blob:"))]
+    assert not foreign, foreign
 
 
 def api(server, path: str, body: dict) -> dict:
@@ -225,3 +230,26 @@ def test_images_play_the_denoising_trajectory(page):
     page.locator("#img-frame").fill("0")
     expect(page.locator("#img-frame-out")).to_contain_text("step 1 of 8")
     shot(page, "images")
+
+
+def test_readable_at_200_percent_zoom(browser, server):
+    """200% zoom of a 1280-px window is a 640-CSS-px viewport: no view scrolls sideways."""
+    context = browser.new_context(viewport={"width": 640, "height": 450}, device_scale_factor=2)
+    pg = context.new_page()
+    pg.goto(server.url + "/")
+    pg.fill("#api-key", KEY)
+    pg.keyboard.press("Enter")
+    expect(pg.locator("#status")).to_contain_text("Connected")
+    tabs = pg.locator('[role="tab"]')
+    for i in range(tabs.count()):
+        tabs.nth(i).click()
+        overflow = pg.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, (tabs.nth(i).inner_text(), overflow)
+    tabs.first.focus()  # the tabs move with the arrow keys
+    pg.keyboard.press("ArrowRight")
+    expect(pg.locator("#tab-explorer")).to_be_focused()
+    expect(pg.locator("#panel-explorer")).to_be_visible()
+    shot(pg, "zoom200")
+    context.close()
