@@ -10,7 +10,7 @@ from glassbox.config import ModelConfig
 from glassbox.data.world import make_world
 from glassbox.errors import GlassboxError
 from glassbox.model import Transformer
-from glassbox.probes import PROBES, calibration, is_right, run_probe, says_idk
+from glassbox.probes import PROBES, calibration, is_right, run_probe, says_idk, scale
 
 FIELDS = {
     "hallucination": {"idk_rate_unseen", "invented_rate_unseen", "accuracy_seen", "ece_seen",
@@ -76,3 +76,15 @@ def test_sampling_probe_measures_what_temperature_and_top_p_do(lm, tokenizer):
 def test_unknown_probe():
     with pytest.raises(GlassboxError, match="Unknown probe 'vibes'"):
         run_probe("vibes", None, None)
+
+
+def test_scale_trains_each_preset_on_the_same_budget(tmp_path, small_text):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(small_text[:60_000])
+    result, figure = scale(tmp_path / "runs", presets=("test",), data=str(corpus), steps=3,
+                           vocab_size=300, context_length=32, batch_size=2)  # fmt: skip
+    path = result.write(tmp_path, figure)
+    (row,) = json.loads(path.read_text())["runs"]
+    assert row["preset"] == "test" and row["params"] > 0 and row["val_loss"] > 0
+    assert result.data["tokens"] == 3 * 2 * 32
+    assert (tmp_path / "runs" / "test" / "model.safetensors").is_file()

@@ -516,6 +516,79 @@ def sampling(
     return ProbeResult("sampling", head, data), _figure(draw)
 
 
+def scale(
+    out: str | Path,
+    presets: Sequence[str] = ("test", "tiny", "small"),
+    data: str = "builtin:pydoc",
+    steps: int = 300,
+    vocab_size: int = 2048,
+    context_length: int = 128,
+    batch_size: int = 16,
+):
+    """Validation loss against parameter count: each preset pretrained on the same data,
+    tokenizer size, context and number of tokens (``steps`` x ``batch_size`` x
+    ``context_length``), so only the model's size differs. Runs go to ``out/<preset>``."""
+    from glassbox.config import ModelConfig
+    from glassbox.model import Transformer
+    from glassbox.train.pretrain import PretrainConfig, pretrain
+
+    rows = []
+    for preset in presets:
+        cfg = PretrainConfig(
+            out=str(Path(out) / preset),
+            data=[data],
+            model=preset,
+            vocab_size=vocab_size,
+            context_length=context_length,
+            batch_size=batch_size,
+            max_steps=steps,
+            eval_interval=steps,
+            sample_tokens=0,
+            checkpoint_interval=steps,
+            seed=0,
+        )
+        last = pretrain(cfg, explicit=set())
+        mc = ModelConfig.from_name(preset, vocab_size=vocab_size, context_length=context_length)
+        with torch.device("meta"):
+            params = Transformer(mc).num_params()
+        rows.append(
+            {
+                "preset": preset,
+                "params": params,
+                "val_loss": last["val_loss"],
+                "val_bpb": last["val_bpb"],
+            }
+        )
+    tokens = steps * batch_size * context_length
+    data_out = {
+        "data": data,
+        "steps": steps,
+        "tokens": tokens,
+        "vocab_size": vocab_size,
+        "context_length": context_length,
+        "runs": rows,
+    }
+    head = (
+        "; ".join(
+            f"{r['preset']} {r['params'] / 1e6:.2f}M params: val bpb {r['val_bpb']:.3f}"
+            for r in rows
+        )
+        + f" (each {tokens:,} tokens)"
+    )
+
+    def draw(fig):
+        ax = fig.subplots()
+        ax.plot([r["params"] for r in rows], [r["val_loss"] for r in rows], "o-")
+        for r in rows:
+            ax.annotate(r["preset"], (r["params"], r["val_loss"]), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(f"same data and {tokens:,} tokens each")
+
+    return ProbeResult("scale", head, data_out), _figure(draw)
+
+
 def run_probe(name: str, model, tok, **kwargs) -> tuple[ProbeResult, Callable]:
     """Run probe ``name`` (one of :data:`PROBES`)."""
     if name not in PROBES:

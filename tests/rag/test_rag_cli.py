@@ -46,6 +46,8 @@ def test_index_search_ask_summarize(home):
     (home / "long.txt").write_text("A sentence about the lighthouse. " * 300)
     proc = ok(glassbox("summarize", "m", "long.txt", "--max-tokens", "8", cwd=home))
     assert "round 1:" in proc.stderr and "round(s)" in proc.stderr
+    proc = ok(glassbox("probe", "sampling", "m", "--limit", "2", "--out", "p", cwd=home))
+    assert "entropy" in proc.stdout and (home / "p" / "sampling.png").is_file()
 
 
 def test_errors_are_clean(home):
@@ -54,6 +56,8 @@ def test_errors_are_clean(home):
         (("rag", "index", "missing.txt", "--out", "x"), "does not exist"),
         (("rag", "index", "builtin:world", "--out", "x", "--overlap", "200"), "overlap=200"),
         (("summarize", "m", "missing.txt"), "Cannot read missing.txt"),
+        (("probe", "vibes", "m"), "Unknown probe 'vibes'"),
+        (("probe", "scale", "m"), "trains its own runs"),
     ]:
         proc = glassbox(*args, cwd=home)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

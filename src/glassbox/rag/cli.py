@@ -165,11 +165,14 @@ def summarize_command(
 def probe_command(
     name: Annotated[
         str,
-        typer.Argument(help="hallucination, sycophancy, needle, cutoff, paraphrase or sampling."),
+        typer.Argument(
+            help="hallucination, sycophancy, needle, cutoff, "
+            "paraphrase, sampling, or scale (trains its own runs)."
+        ),
     ],
     runs: Annotated[
-        list[str], typer.Argument(help="Checkpoint(s) to probe (compared side by side).")
-    ],
+        list[str] | None, typer.Argument(help="Checkpoint(s) to probe, compared side by side.")
+    ] = None,
     out: Annotated[
         str | None, typer.Option(help="Folder for JSON + PNG (default RUN/probes).")
     ] = None,
@@ -180,17 +183,33 @@ def probe_command(
         str | None,
         typer.Option(help="cutoff: a news index (default: built from builtin:world-news)."),
     ] = None,
+    steps: Annotated[int, typer.Option(help="scale: optimizer steps per preset.")] = 300,
+    preset: Annotated[
+        list[str] | None, typer.Option(help="scale: presets to train (repeatable).")
+    ] = None,
+    data: Annotated[str, typer.Option(help="scale: corpus.")] = "builtin:pydoc",
     device: str = "auto",
 ) -> None:
     """Reproduce a failure mode on the generated world: a headline, JSON and a figure."""
     from pathlib import Path
 
-    from glassbox.probes import PROBES, run_probe
+    from glassbox.errors import GlassboxError
+    from glassbox.probes import PROBES, run_probe, scale
 
+    if name == "scale":
+        if runs:
+            raise GlassboxError("probe scale trains its own runs; pass --out DIR, not runs.")
+        if not out:
+            raise GlassboxError("probe scale needs --out DIR for its runs, JSON and figure.")
+        result, figure = scale(out, tuple(preset or ("test", "tiny", "small")), data, steps)
+        path = result.write(out, figure)
+        typer.echo(result.headline)
+        typer.secho(f"  wrote {path} and {path.with_suffix('.png')}", dim=True)
+        return
     if name not in PROBES:
-        from glassbox.errors import GlassboxError
-
-        raise GlassboxError(f"Unknown probe {name!r}; choose one of {list(PROBES)}.")
+        raise GlassboxError(f"Unknown probe {name!r}; choose one of {[*PROBES, 'scale']}.")
+    if not runs:
+        raise GlassboxError(f"probe {name} needs a checkpoint: glassbox probe {name} RUN.")
     for run in runs:
         model, tok = _load(run, device)
         kwargs: dict = {}
@@ -201,11 +220,10 @@ def probe_command(
 
             kwargs["index"] = Index.load(index)
         result, figure = run_probe(name, model, tok, **kwargs)
-        folder = (
-            Path(out) / Path(run).name
-            if out and len(runs) > 1
-            else Path(out or Path(run) / "probes")
-        )
+        if out:
+            folder = Path(out) / Path(run).name if len(runs) > 1 else Path(out)
+        else:
+            folder = Path(run) / "probes"
         path = result.write(folder, figure)
         typer.echo(f"{run}: {result.headline}")
         typer.secho(f"  wrote {path} and {path.with_suffix('.png')}", dim=True)
