@@ -89,19 +89,23 @@ def generate(
     seed: int | None = None,
     truncate: Annotated[bool, typer.Option(help="Drop the oldest prompt tokens to fit.")] = False,
     device: str = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="Precision: auto (measured on this machine), fp32, bf16, fp16.")
+    ] = "auto",
 ) -> None:
     """Generate text token by token, streaming it to the terminal."""
-    from glassbox.checkpoint import load_model_dir
-    from glassbox.device import resolve_device
     from glassbox.infer.generate import generate_text
     from glassbox.infer.sampling import SamplingParams
+    from glassbox.serve.loading import load_for_decoding
 
     params = SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed,
     )  # fmt: skip
     params.validate()
-    model, tok, _ = load_model_dir(run_dir, resolve_device(device))
+    model, tok, _ = load_for_decoding(
+        run_dir, device, dtype, lambda s: typer.secho(s, err=True, dim=True)
+    )
     ids = [tok.eot_id, *tok.encode(prompt)]
     sys.stdout.write(prompt)
     result = generate_text(

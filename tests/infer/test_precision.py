@@ -175,3 +175,23 @@ def test_training_precision(model, tmp_path):
         assert (x @ x.T).dtype == torch.bfloat16
     with autocast(cpu, "fp32"), autocast(cpu):
         assert (x @ x.T).dtype == torch.float32
+
+
+def test_rollouts_on_a_half_precision_copy_follow_the_policy(model, tok):
+    """RL rollouts (the engine's batch API) in bf16: a copy re-synced from the trained
+    fp32 policy before every batch, so a weight update reaches the next rollouts."""
+    from glassbox.train.finetune import RolloutConfig, rollout_engine, sample_rollouts
+
+    policy = copy.deepcopy(model)
+    engine = rollout_engine(policy, tok, RolloutConfig(rollout_dtype="bf16", max_seqs=4))
+    assert engine.model is not policy and engine.model.embed.weight.dtype == torch.bfloat16
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    params = SamplingParams(temperature=0.0)
+    before = sample_rollouts(engine, prompts, 2, params, 8)
+    assert len(before) == 4 and all(r.tokens for r in before)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(-1.0)  # a "training step" that changes every choice
+    after = sample_rollouts(engine, prompts, 2, params, 8)
+    assert torch.equal(engine.model.lm_head.weight, policy.lm_head.weight.bfloat16())
+    assert [r.tokens for r in after] != [r.tokens for r in before]
+    assert rollout_engine(policy, tok, RolloutConfig(max_seqs=4)).model is policy  # fp32

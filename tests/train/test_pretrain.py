@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from glassbox.checkpoint import list_snapshots, load_json
 from glassbox.errors import GlassboxError
@@ -239,3 +240,36 @@ def test_fsdp_matches_ddp_and_resumes(tmp_path, corpus_file, tok_file):
     assert proc.returncode == 0, proc.stderr[-3000:]
     c = losses(fsdp)
     assert [c[s] for s in (4, 5, 6)] == pytest.approx([b[s] for s in (4, 5, 6)], rel=1e-6)
+
+
+def test_vocabulary_and_context_fitted_to_the_corpus(tmp_path, corpus_file, capsys):
+    """Left out, --vocab-size and --context-length follow the corpus size (said, and
+    saved in config.yaml); the training precision is chosen, said and logged."""
+    from glassbox.config import fit_to_corpus
+
+    nbytes = len(Path(corpus_file).read_text().encode())
+    vocab, context, _ = fit_to_corpus(nbytes, "tiny")
+    assert (vocab, context) == (512, 64)  # a ~100 kB corpus: the smallest sizes
+    assert fit_to_corpus(1_115_394, "tiny")[:2] == (1024, 128)  # tinyshakespeare
+    assert fit_to_corpus(11_500_000, "tiny")[:2] == (4096, 256)  # builtin:stdlib, as before
+    assert fit_to_corpus(100_000_000, "small")[:2] == (8192, 512)  # the preset's caps
+    out = tmp_path / "fitted"
+    pretrain(tiny_run(out, corpus_file, None, model="tiny", max_steps=2, eval_interval=2))
+    said = capsys.readouterr().out
+    assert f"vocab size 512, context length 64: fitted to the {nbytes / 1e6:.1f} MB corpus" in said
+    assert "precision auto: " in said
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["vocab_size"] == 512 and saved["context_length"] == 64
+    model_cfg = load_json(out / "config.json")["model"]
+    assert model_cfg["context_length"] == 64 and model_cfg["vocab_size"] <= 512
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["precision"] in ("fp32", "bf16")
+    # Given sizes are kept, with a given tokenizer's own vocabulary.
+    given = tmp_path / "given"
+    pretrain(tiny_run(given, corpus_file, None, model="tiny", max_steps=1, eval_interval=1,
+                      vocab_size=600, context_length=32, precision="fp32"))  # fmt: skip
+    saved = yaml.safe_load((given / "config.yaml").read_text())
+    assert saved["vocab_size"] == 600 and saved["context_length"] == 32
+    assert read_metrics(given / "metrics.jsonl")[-1]["precision"] == "fp32"
+    with pytest.raises(GlassboxError, match="--precision='fp16'"):
+        pretrain(tiny_run(tmp_path / "bad", corpus_file, None, precision="fp16"))

@@ -112,16 +112,18 @@ def run_chat(
     top_k: int,
     seed: int | None,
     device: str,
+    dtype: str = "auto",
 ) -> None:
     """The interactive loop behind `glassbox chat`."""
     from rich.console import Console
     from rich.markup import escape
 
-    from glassbox.checkpoint import load_model_dir
-    from glassbox.device import resolve_device
+    from glassbox.serve.loading import load_for_decoding
 
     console = Console(highlight=False)
-    model, tok, _ = load_model_dir(checkpoint, resolve_device(device))
+    model, tok, _ = load_for_decoding(
+        checkpoint, device, dtype, lambda s: console.print(f"[dim]{escape(s)}[/dim]")
+    )
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     session = ChatSession(Engine(model, tok, max_seqs=1), system, max_tokens, params)
     console.print(

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+DTYPE_HELP = "Weights' precision: auto (measured on this machine), fp32, bf16 or fp16."
+
 
 def serve(
     checkpoints: Annotated[
@@ -39,6 +41,7 @@ def serve(
         list[str] | None, typer.Option(help="Allowed CORS origin (repeatable); off if none.")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
     max_n: Annotated[int, typer.Option(help="Largest n (choices per prompt).")] = 16,
     max_prompts: Annotated[int, typer.Option(help="Prompts in one /v1/completions.")] = 16,
     max_sequences: Annotated[int, typer.Option(help="Prompts x n in one request.")] = 64,
@@ -104,7 +107,7 @@ def serve(
     except ValueError as e:
         raise GlassboxError(f"Invalid limit: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    models = load_served_models(checkpoints, device, max_seqs, max_queue)
+    models = load_served_models(checkpoints, device, max_seqs, max_queue, dtype)
     runs = None
     if diffusion:
         if not playground:
@@ -150,11 +153,12 @@ def chat(
     top_k: int = 0,
     seed: int | None = None,
     device: str = "auto",
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Chat in the terminal: history, streaming, and a context-window meter."""
     from glassbox.serve.chat import run_chat
 
-    run_chat(checkpoint, system, max_tokens, temperature, top_p, top_k, seed, device)
+    run_chat(checkpoint, system, max_tokens, temperature, top_p, top_k, seed, device, dtype)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,19 +92,40 @@ def parse_model_spec(spec: str) -> tuple[str, str]:
     return Path(spec).resolve().name, spec
 
 
-def load_served_models(
-    specs: list[str], device: str = "auto", max_seqs: int = 16, max_queue: int = 64
-) -> dict[str, ServedModel]:
-    """``runs/base`` or ``name=runs/base`` -> ServedModel named ``base`` (or ``name``)."""
+def load_for_decoding(
+    path: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    log: Callable[[str], object] | None = print,
+):
+    """A checkpoint's model and tokenizer, cast to the precision ``dtype`` chooses
+    (``auto`` measures this machine, see glassbox.infer.precision); returns
+    (model, tokenizer, PrecisionChoice). What generate, chat and serve load with."""
     from glassbox.checkpoint import load_model_dir
     from glassbox.device import resolve_device
+    from glassbox.infer.precision import CHOICES, check_name, prepare_model
 
+    check_name(dtype, CHOICES, "--dtype")  # a typo fails before the weights are read
+    model, tok, _ = load_model_dir(path, resolve_device(device))
+    model, choice = prepare_model(model, tok, dtype, log=log)
+    return model, tok, choice
+
+
+def load_served_models(
+    specs: list[str],
+    device: str = "auto",
+    max_seqs: int = 16,
+    max_queue: int = 64,
+    dtype: str = "auto",
+) -> dict[str, ServedModel]:
+    """``runs/base`` or ``name=runs/base`` -> ServedModel named ``base`` (or ``name``),
+    in the precision ``dtype`` chooses for each."""
     models: dict[str, ServedModel] = {}
     for spec in specs:
         name, path = parse_model_spec(spec)
         if name in models:
             raise GlassboxError(f"Two models are named {name!r}; use NAME=PATH to rename one.")
-        model, tok, _ = load_model_dir(path, resolve_device(device))
+        model, tok, _ = load_for_decoding(path, device, dtype, lambda s, n=name: print(f"{n}: {s}"))
         engine = Engine(model, tok, max_seqs=max_seqs)
         models[name] = ServedModel.from_engine(name, engine, max_queue)
     return models

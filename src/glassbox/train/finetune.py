@@ -23,7 +23,9 @@ exact ``--resume``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +43,7 @@ from glassbox.train.optim import finished, lr_at, run_progress, set_lr
 from glassbox.train.run import BUDGET_FIELDS, Run
 
 # Evaluation settings may also change on resume.
-RESUME_MAY_CHANGE = BUDGET_FIELDS | {"eval_tasks", "eval_limit"}
+RESUME_MAY_CHANGE = BUDGET_FIELDS | {"eval_tasks", "eval_limit", "rollout_dtype"}
 
 
 @dataclass
@@ -129,6 +131,9 @@ class RolloutConfig(FinetuneConfig):
     """Steps between metrics rows."""
     eval_limit: int = 10
     """Held-out tasks per family in each evaluation (0 = no evaluation)."""
+    rollout_dtype: str = "fp32"
+    """Rollout precision: fp32 (the policy itself), auto (measured), bf16 or fp16: a copy
+    re-synced from the policy before every batch (old log-probs then come from it)."""
 
 
 # --------------------------------------------------------------------------------------
@@ -252,6 +257,31 @@ def restore_stage(
 # --------------------------------------------------------------------------------------
 
 
+_POLICY_OF: weakref.WeakKeyDictionary[Engine, torch.nn.Module] = weakref.WeakKeyDictionary()
+
+
+def rollout_engine(model: torch.nn.Module, tokenizer, cfg: RolloutConfig) -> Engine:
+    """The engine rollouts run on, built once: over the policy itself, or (``rollout_dtype``
+    auto/bf16/fp16 choosing a half precision, see glassbox.infer.precision) over a cast
+    copy whose weights :func:`sample_rollouts` re-syncs from the policy every batch."""
+    from glassbox.infer.precision import cast_model, choose_dtype
+
+    choice = choose_dtype(model, tokenizer, cfg.rollout_dtype, log=lambda s: print("rollouts:", s))
+    if choice.name == "fp32":
+        return Engine(model, tokenizer, max_seqs=cfg.max_seqs)
+    half = cast_model(copy.deepcopy(model).eval().requires_grad_(False), choice)
+    engine = Engine(half, tokenizer, max_seqs=cfg.max_seqs)
+    _POLICY_OF[engine] = model
+    return engine
+
+
+@torch.no_grad()
+def sync_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Copy (and cast) every weight of ``src`` into ``dst``, a same-shaped copy of it."""
+    for d, s in zip(dst.state_dict().values(), src.state_dict().values(), strict=True):
+        d.copy_(s)
+
+
 def sample_rollouts(
     engine: Engine,
     prompts: list[list[int]],
@@ -260,7 +290,12 @@ def sample_rollouts(
     max_tokens: int,
 ) -> list[Rollout]:
     """``n`` samples of every prompt through the run's one engine (prompt-major order),
-    with its model in eval mode for the rollout and back in train mode after."""
+    with its model in eval mode for the rollout and back in train mode after (a
+    half-precision rollout copy is first synced from the policy)."""
+    policy = _POLICY_OF.get(engine)
+    if policy is not None:
+        sync_weights(engine.model, policy)
+        return engine.generate_batch(prompts, n, params, max_tokens)
     model = engine.model
     model.eval()
     try:

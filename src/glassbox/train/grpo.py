@@ -34,7 +34,6 @@ import torch
 
 from glassbox.device import autocast
 from glassbox.errors import GlassboxError
-from glassbox.infer.engine import Engine
 from glassbox.infer.rollout import Rollout, collate_rollouts
 from glassbox.infer.sampling import SamplingParams
 from glassbox.train.finetune import (
@@ -44,6 +43,7 @@ from glassbox.train.finetune import (
     load_start,
     open_stage,
     restore_stage,
+    rollout_engine,
     sample_rollouts,
     save_stage,
     train_loop,
@@ -247,7 +247,7 @@ def run(cfg: GRPOConfig, explicit: set[str] | None = None) -> dict[str, Any]:
     step = 0
     if run_.snapshot is not None:
         step, _ = restore_stage(run_, model, optimizers, gen)
-    engine = Engine(model, tok, max_seqs=cfg.max_seqs)  # built once, reused every step
+    engine = rollout_engine(model, tok, cfg)  # built once, reused every step
     G = cfg.num_generations
     params_ = [p for p in model.parameters() if p.requires_grad]
 

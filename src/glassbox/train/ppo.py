@@ -42,7 +42,6 @@ from torch import nn
 from glassbox import checkpoint as ckpt
 from glassbox.device import autocast
 from glassbox.errors import GlassboxError
-from glassbox.infer.engine import Engine
 from glassbox.infer.rollout import Rollout, collate_rollouts
 from glassbox.infer.sampling import SamplingParams
 from glassbox.track import read_metrics, save_figure
@@ -53,6 +52,7 @@ from glassbox.train.finetune import (
     load_start,
     open_stage,
     restore_stage,
+    rollout_engine,
     sample_rollouts,
     save_stage,
     train_loop,
@@ -317,7 +317,7 @@ def run(cfg: PPOConfig, explicit: set[str] | None = None) -> dict[str, Any]:
         value_head.load_state_dict(run_.snapshot.tensors["trainer/value_head.safetensors"])
         kl_coef = state["kl_coef"]
     value_lr_ratio = cfg.value_lr / cfg.lr  # train_loop sets one lr; the head keeps its ratio
-    engine = Engine(model, tok, max_seqs=cfg.max_seqs)  # built once, reused every step
+    engine = rollout_engine(model, tok, cfg)  # built once, reused every step
     trainable = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
 
     def rollout() -> tuple[list, list[Rollout], float]:

@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from glassbox import checkpoint as ckpt
-from glassbox.config import ModelConfig
+from glassbox.config import ModelConfig, fit_to_corpus
 from glassbox.data.corpus import load_corpus, split_documents
 from glassbox.data.tokens import tokenize_corpus
 from glassbox.device import autocast
 from glassbox.errors import GlassboxError
+from glassbox.infer.precision import TRAIN_CHOICES, check_name, choose_train_precision
 from glassbox.model import Transformer
 from glassbox.tokenizer import Tokenizer
 from glassbox.track import progress_bar
@@ -35,7 +36,7 @@ from glassbox.train.optim import build_optimizers, finished, lr_at, run_progress
 from glassbox.train.run import BUDGET_FIELDS, Run, Snapshot
 
 # Pretraining may also change how much validation and sampling it does on resume.
-RESUME_MAY_CHANGE = BUDGET_FIELDS | {"eval_tokens", "sample_tokens", "sample_prompt"}
+RESUME_MAY_CHANGE = BUDGET_FIELDS | {"eval_tokens", "sample_tokens", "sample_prompt", "precision"}
 
 
 @dataclass
@@ -51,11 +52,11 @@ class PretrainConfig:
     model: str = "tiny"
     """Model preset: test, tiny, small, gpt2-124m, gpt2-350m or llama-1b."""
     context_length: int | None = None
-    """Override the preset's context window, in tokens."""
+    """Context window in tokens; none = fitted to the corpus size, at most the preset's."""
     tokenizer: str | None = None
     """tokenizer.json to use; none = train one on the training split."""
-    vocab_size: int = 4096
-    """Vocabulary of a newly trained tokenizer."""
+    vocab_size: int | None = None
+    """Vocabulary of a newly trained tokenizer; none = fitted to the corpus size."""
     tokenizer_max_chars: int = 8_000_000
     """Characters sampled evenly across the corpus to train the tokenizer."""
     val_fraction: float = 0.05
@@ -104,6 +105,8 @@ class PretrainConfig:
     """torch.compile the model."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:1 ..."""
+    precision: str = "auto"
+    """auto (bf16 autocast where measured faster on this machine, always on CUDA), fp32, bf16."""
     strategy: str = "ddp"
     """Under torchrun: ddp (replicate) or fsdp (FSDP2, shard weights and optimizer state)."""
     resume: bool = False
@@ -128,6 +131,7 @@ class PretrainConfig:
             raise GlassboxError(f"--max-minutes={self.max_minutes} must be > 0.")
         if self.eval_tokens is not None and self.eval_tokens < 1:
             raise GlassboxError(f"--eval-tokens={self.eval_tokens} must be >= 1 (or 'all').")
+        check_name(self.precision, TRAIN_CHOICES, "--precision")
         if self.strategy not in dist_.STRATEGIES:
             raise GlassboxError(f"--strategy={self.strategy!r}; choose ddp or fsdp.")
 
@@ -140,6 +144,22 @@ def sharded(run: Run) -> bool:
 # --------------------------------------------------------------------------------------
 # Setup
 # --------------------------------------------------------------------------------------
+
+
+def fit_defaults(cfg: PretrainConfig, docs, log) -> PretrainConfig:
+    """``cfg`` with the vocabulary size and context length the user left out chosen
+    from the corpus size (see :func:`glassbox.config.fit_to_corpus`), said in ``log``."""
+    missing = [f for f in ("vocab_size", "context_length") if getattr(cfg, f) is None]
+    if cfg.tokenizer and "vocab_size" in missing:
+        missing.remove("vocab_size")  # the given tokenizer's own vocabulary is used
+    if not missing:
+        return cfg
+    nbytes = sum(len(d.text.encode()) for d in docs)
+    vocab, context, why = fit_to_corpus(nbytes, cfg.model)
+    chosen = {"vocab_size": vocab, "context_length": context}
+    chosen = {f: chosen[f] for f in missing}
+    log(", ".join(f"{f.replace('_', ' ')} {v}" for f, v in chosen.items()) + f": {why}")
+    return dataclasses.replace(cfg, **chosen)
 
 
 def prepare_tokenizer(cfg: PretrainConfig, docs, snapshot: Snapshot | None) -> Tokenizer:
@@ -238,12 +258,17 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
     """
     cfg.validate()
     d, device = dist_.setup_distributed(cfg.device)
-    run = Run.open(cfg, "pretrain", d, explicit, RESUME_MAY_CHANGE)
+    # Sizes left to be fitted (None) are not a change on resume: the saved ones stay.
+    given = {f.name for f in dataclasses.fields(cfg)} if explicit is None else set(explicit)
+    given -= {f for f in ("vocab_size", "context_length") if getattr(cfg, f) is None}
+    run = Run.open(cfg, "pretrain", d, given, RESUME_MAY_CHANGE)
     cfg = run.cfg
     torch.manual_seed(cfg.seed)
 
-    # Data and tokenizer
+    # Data and tokenizer (sizes fitted to the corpus unless given)
     docs = load_corpus(cfg.data, cfg.text_field)
+    if run.snapshot is None:  # a resumed run keeps its saved sizes
+        run.cfg = cfg = fit_defaults(cfg, docs, print if d.main else lambda _: None)
     tokenizer = shared_tokenizer(run, docs)
     mcfg = ModelConfig.from_name(cfg.model, vocab_size=tokenizer.vocab_size)
     if cfg.context_length:
@@ -264,6 +289,11 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
     step, tokens_seen = 0, 0
     if run.snapshot is not None:
         step, tokens_seen = restore_snapshot(run, model, optimizers, gen)
+    precision = choose_train_precision(
+        model, cfg.batch_size * seq_len, device, cfg.precision, cfg.cache_dir,
+        log=print if d.main else None,
+    ).name  # fmt: skip
+    precision = "bf16" if dist_.rank0_value(float(precision == "bf16"), d) else "fp32"
     if cfg.compile:
         train_model = torch.compile(train_model)
     # Under FSDP2 every forward is a collective: all ranks evaluate and sample together.
@@ -295,7 +325,7 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
                 x, y = data.get_batch(cfg.batch_size, seq_len, gen)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == cfg.grad_accum - 1
-                with dist_.no_sync(train_model, sync), autocast(device):
+                with dist_.no_sync(train_model, sync), autocast(device, precision):
                     logits = train_model(x)  # (B, T, V)
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                     (loss / cfg.grad_accum).backward()
@@ -324,6 +354,7 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
                         "tokens_per_s": round(tok_log / max(elapsed - elapsed_log, 1e-9), 1),
                         "train_loss": loss_sum / max(1, loss_n),
                         "lr": lr,
+                        "precision": precision,
                     }
                     elapsed_log, tok_log, loss_sum, loss_n = elapsed, 0, 0.0, 0
                     if do_eval and (d.main or collective):
