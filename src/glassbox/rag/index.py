@@ -54,14 +54,17 @@ class Embedder:
         self.batch_size = batch_size
         self.max_tokens = model.cfg.context_length
 
-    @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, C) float32 unit vectors, one per text (texts longer than the context keep
         their first ``context_length`` tokens)."""
+        eot = self.tokenizer.eot_id
+        return self.embed_ids([self.tokenizer.encode(t)[: self.max_tokens] or [eot] for t in texts])
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(N, C) unit vectors of token-id sequences (each non-empty, within the context):
+        the final hidden states averaged over the tokens, L2-normalised."""
         device = self.model.embed.weight.device
-        ids = [
-            self.tokenizer.encode(t)[: self.max_tokens] or [self.tokenizer.eot_id] for t in texts
-        ]
         out = []
         for i in range(0, len(ids), self.batch_size):
             batch = ids[i : i + self.batch_size]
@@ -69,7 +72,7 @@ class Embedder:
             x = torch.zeros(len(batch), T, dtype=torch.long, device=device)
             mask = torch.zeros(len(batch), T, device=device)
             for r, b in enumerate(batch):  # right padding: causal attention never sees it
-                x[r, : len(b)] = torch.tensor(b, device=device)
+                x[r, : len(b)] = torch.tensor(list(b), device=device)
                 mask[r, : len(b)] = 1
             h = self.model.hidden(x).float()  # (B, T, C)
             mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)  # (B, C)

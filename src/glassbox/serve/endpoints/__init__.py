@@ -4,6 +4,13 @@ Adding an endpoint (say /v1/embeddings) is adding a module here and listing it i
 ``ENDPOINTS``; serve/app.py includes them all.
 """
 
-from glassbox.serve.endpoints import chat_completions, completions, health, metrics, models
+from glassbox.serve.endpoints import (
+    chat_completions,
+    completions,
+    embeddings,
+    health,
+    metrics,
+    models,
+)
 
-ENDPOINTS = (health, metrics, models, completions, chat_completions)
+ENDPOINTS = (health, metrics, models, completions, chat_completions, embeddings)
