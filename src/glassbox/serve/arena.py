@@ -15,8 +15,9 @@ Files under the arena directory (``glassbox serve --arena-dir``, default runs/ar
   "content"}, ...], "outcome": "tie" | "both_bad", ...}``.
 
 Each vote is one line written with one ``os.write`` to a file opened with O_APPEND, under
-a process-wide lock, then fsynced: concurrent votes never interleave or get lost, and a
-crash leaves at worst a missing last line, never half of one.
+a process-wide lock, then fsynced before the vote is acknowledged: concurrent votes never
+interleave or get lost. (A power cut in the middle of a write could still leave a partial
+last line; the reader then names that line.)
 
 Leaderboard: a tie and a both-bad vote count as half a win to each side (as in Chatbot
 Arena). Bradley-Terry strengths are fitted by Hunter's MM algorithm, with ``prior``
