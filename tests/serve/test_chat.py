@@ -45,6 +45,26 @@ def test_full_context_drops_oldest_turns_keeps_system(session):
     assert session.messages[-2]["content"] == "message number 11 with some words"
 
 
+def test_compress_summarizes_old_turns_instead_of_dropping_them(tiny_ckpt):
+    model, tok, _ = load_model_dir(tiny_ckpt)
+    session = ChatSession(
+        Engine(model, tok, max_seqs=1), system="be brief", max_tokens=12,
+        params=SamplingParams(temperature=0.0), compress=True,
+    )  # fmt: skip
+    compressed = 0
+    for i in range(12):
+        r = session.send(f"message number {i} with some words")
+        assert r.dropped == 0
+        compressed += r.compressed
+    assert compressed > 0 and session.summarized == compressed
+    system = session.messages[0]
+    assert system["role"] == "system" and system["content"].startswith("be brief")
+    assert "Summary of the earlier conversation: " in system["content"]
+    assert session.messages[-2]["content"] == "message number 11 with some words"
+    session.reset()
+    assert session.summary == "" and session.messages == [system | {"content": "be brief"}]
+
+
 def test_message_longer_than_context_is_refused(session):
     with pytest.raises(GlassboxError, match="context window is 128"):
         session.send("hello " * 300)

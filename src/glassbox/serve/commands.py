@@ -154,11 +154,16 @@ def chat(
     seed: int | None = None,
     device: str = "auto",
     dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
+    compress: Annotated[
+        bool, typer.Option(help="When the window fills, summarize the oldest turns, not drop them.")
+    ] = False,
 ) -> None:
     """Chat in the terminal: history, streaming, and a context-window meter."""
     from glassbox.serve.chat import run_chat
 
-    run_chat(checkpoint, system, max_tokens, temperature, top_p, top_k, seed, device, dtype)
+    run_chat(
+        checkpoint, system, max_tokens, temperature, top_p, top_k, seed, device, dtype, compress
+    )
 
 
 def register(app: typer.Typer) -> None:
