@@ -191,3 +191,40 @@ def test_async_engine_streams_and_bounds_its_queue(model, tok):
             ae.stop()
 
     asyncio.run(main())
+
+
+def test_static_decode_step_matches_the_ragged_one(model, tok):
+    """decode_static (what torch.compile and CUDA graphs capture: attention over the
+    whole cache, rows padded into a spare slot) gives decode_one_token's logits."""
+    from glassbox.infer.engine import decode_one_token, decode_static, prefill
+    from glassbox.model import KVCache
+
+    cache = KVCache(model.cfg, 4)
+    ps = prompts(tok)[:3]
+    for slot, p in enumerate(ps):
+        prefill(model, cache, torch.tensor(p), slot)
+    tokens = torch.tensor([5, 6, 7])
+    pos = torch.tensor([len(p) for p in ps])
+    rows = torch.tensor([0, 1, 2])
+    ref = decode_one_token(model, cache, tokens, pos, rows)
+    padded = decode_static(
+        model, cache, torch.tensor([5, 6, 7, 0]), torch.tensor([*pos.tolist(), 0]),
+        torch.tensor([0, 1, 2, 3]),
+    )  # fmt: skip
+    torch.testing.assert_close(padded[:3], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_eager_tokens(model, tok):
+    """compile="on" on CPU: torch.compile of the static decode step (one bucket here,
+    so one compile) decodes the same greedy tokens as eager."""
+    p = prompts(tok)[1]
+    eager = Engine(model, tok, max_seqs=1).run([GenerationRequest(p, GREEDY, 12)])[0][0]
+    eng = Engine(model, tok, max_seqs=1, compile="on")
+    assert eng.compiled is not None and eng.compile_decision == "on"
+    assert eng.run([GenerationRequest(p, GREEDY, 12)])[0][0] == eager
+
+
+def test_compile_mode_is_checked(model, tok):
+    with pytest.raises(GlassboxError, match="compile='fast'"):
+        Engine(model, tok, compile="fast")

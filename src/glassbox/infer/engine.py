@@ -185,9 +185,109 @@ def decode_one_token(
     return model(tokens.view(-1, 1), cache, input_pos.view(-1, 1), rows)[:, -1]  # (B, V)
 
 
+def decode_static(
+    model: Transformer,
+    cache: KVCache,
+    tokens: torch.Tensor,  # (B,)
+    input_pos: torch.Tensor,  # (B,)
+    rows: torch.Tensor,  # (B,) cache slots
+) -> torch.Tensor:
+    """The decode step with shapes fixed by B and the cache length alone (attention over
+    all ``cache.max_len`` positions, masked past each row's position; no size read from
+    the data), so torch.compile and CUDA graphs can capture it. Same math as
+    :func:`decode_one_token`; returns (B, V)."""
+    pos = input_pos.view(-1, 1)  # (B, 1)
+    x = model.embed(tokens.view(-1, 1))  # (B, 1, C)
+    cos, sin = model.rope_cos[pos].unsqueeze(1), model.rope_sin[pos].unsqueeze(1)
+    S = cache.max_len
+    key_pos = torch.arange(S, device=pos.device).view(1, 1, S)
+    mask = (key_pos <= pos.unsqueeze(-1)).unsqueeze(1)  # (B, 1, 1, S)
+    for block in model.layers:
+        x = block(x, cos, sin, cache, pos, rows, mask, S)
+    return model.lm_head(model.norm(x))[:, -1]  # (B, V)
+
+
+def batch_buckets(max_seqs: int) -> list[int]:
+    """Batch sizes a captured decode step exists for: powers of two, then max_seqs."""
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < max_seqs]
+    return [*sizes, max_seqs]
+
+
+class CompiledDecode:
+    """A decode step for fixed batch buckets: a batch of B rows is padded up to the
+    next bucket with rows that write to a scratch cache slot (token 0, position 0), so
+    the real rows never see them, and the result is cut back to B rows.
+
+    CPU: ``torch.compile`` of :func:`decode_static`, one graph per bucket, built on
+    first use. CUDA: one CUDA graph per bucket, captured up front with static input
+    buffers (the cache's storage never moves, so replays write into it in place).
+    The CUDA path has not been run on a GPU in this project's CI (no GPU there)."""
+
+    def __init__(self, model: Transformer, cache: KVCache, max_seqs: int, scratch: int):
+        self.model, self.cache, self.scratch = model, cache, scratch
+        self.buckets = batch_buckets(max_seqs)
+        self.device = model.embed.weight.device
+        self.cuda = self.device.type == "cuda"
+        self._graphs: dict[int, tuple] = {}
+        if self.cuda:
+            for b in self.buckets:
+                self._graphs[b] = self._capture(b)
+        else:
+            self._fn = torch.compile(decode_static, dynamic=False)
+
+    def _inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        zeros = torch.zeros(b, dtype=torch.long, device=self.device)
+        return zeros, zeros.clone(), torch.full_like(zeros, self.scratch)
+
+    @torch.inference_mode()
+    def _capture(self, b: int) -> tuple:
+        tokens, pos, rows = self._inputs(b)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up off the capture (allocator, kernels)
+            for _ in range(2):
+                decode_static(self.model, self.cache, tokens, pos, rows)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = decode_static(self.model, self.cache, tokens, pos, rows)
+        return graph, tokens, pos, rows, out
+
+    def __call__(
+        self, tokens: torch.Tensor, input_pos: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        B = tokens.shape[0]
+        b = next(x for x in self.buckets if x >= B)
+        if self.cuda:
+            graph, t, p, r, out = self._graphs[b]
+            t.zero_(), p.zero_(), r.fill_(self.scratch)
+            t[:B], p[:B], r[:B] = tokens, input_pos, rows
+            graph.replay()
+            return out[:B].clone()
+        t, p, r = self._inputs(b)
+        t[:B], p[:B], r[:B] = tokens, input_pos, rows
+        with torch.no_grad():  # (inference tensors and inductor's CPU graphs do not mix)
+            return self._fn(self.model, self.cache, t, p, r)[:B]
+
+
 # ---------------------------------------------------------------------------------------
 # The synchronous engine
 # ---------------------------------------------------------------------------------------
+
+
+def _time(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Best-of-``repeats`` seconds of ``fn`` after one warm-up call (which compiles)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 class Engine:
@@ -229,7 +329,13 @@ class Engine:
         self.context_length = ctx
         self.max_len = max_len
         self.max_seqs = max_seqs
-        self.cache = KVCache(model.cfg, max_seqs, max_len, self.device, model.embed.weight.dtype)
+        if compile not in ("off", "on", "auto"):
+            raise GlassboxError(f"compile={compile!r} is not one of: auto, on, off.")
+        # A compiled decode step pads batches into a spare cache row (slot max_seqs).
+        rows = max_seqs + (compile != "off")
+        self.cache = KVCache(model.cfg, rows, max_len, self.device, model.embed.weight.dtype)
+        self.compiled: CompiledDecode | None = None
+        self.compile_decision = "off"
         self.vocab_size = model.cfg.vocab_size
         # Ids past the tokenizer's vocabulary (padding rows of the embedding) decode to
         # nothing, so they are never sampled when text matters.
@@ -243,6 +349,34 @@ class Engine:
         self.tokens_generated = 0
         # Called with a request's sequences when they leave the waiting queue for slots.
         self.on_admit: Callable[[list[Sequence]], None] | None = None
+        if compile != "off":
+            self._set_up_compile(compile)
+
+    # -- compiling the decode step ----------------------------------------------------
+
+    def _set_up_compile(self, mode: str) -> None:
+        """``on``: use the compiled decode step. ``auto``: time it against eager on a
+        full batch (in the spare row, so no sequence is touched) and keep the faster;
+        the decision, with both timings, is in :attr:`compile_decision` and printed."""
+        compiled = CompiledDecode(self.model, self.cache, self.max_seqs, self.max_seqs)
+        if mode == "on":
+            self.compiled, self.compile_decision = compiled, "on"
+            return
+        B, pos = self.max_seqs, max(0, self.max_len // 4)
+        tokens = torch.zeros(B, dtype=torch.long, device=self.device)
+        input_pos = torch.full((B,), pos, dtype=torch.long, device=self.device)
+        rows = torch.full((B,), self.max_seqs, dtype=torch.long, device=self.device)
+        eager = _time(lambda: decode_one_token(self.model, self.cache, tokens, input_pos, rows))
+        fast = _time(lambda: compiled(tokens, input_pos, rows))
+        kind = "CUDA graphs" if compiled.cuda else "torch.compile"
+        if fast < eager:
+            self.compiled = compiled
+        verdict = "using it" if fast < eager else "staying eager"
+        self.compile_decision = (
+            f"compile auto: {kind} decode step {1e3 * fast:.1f} ms vs eager "
+            f"{1e3 * eager:.1f} ms (batch {B}); {verdict}"
+        )
+        print(self.compile_decision, flush=True)
 
     # -- state ------------------------------------------------------------------------
 
@@ -494,6 +628,8 @@ class Engine:
         tokens = torch.tensor([s.output[-1] for s in seqs], device=self.device)  # (B,)
         input_pos = torch.tensor([s.pos for s in seqs], device=self.device)  # (B,)
         slots = [s.slot for s in seqs]
+        if self.compiled is not None:
+            return self.compiled(tokens, input_pos, torch.tensor(slots, device=self.device))
         # slots 0..B-1 in order: the cache reads plain slices instead of a gather
         rows = None if slots == list(range(len(slots))) else torch.tensor(slots, device=self.device)
         return decode_one_token(self.model, self.cache, tokens, input_pos, rows)  # (B, V)
