@@ -277,11 +277,24 @@ def make_world(
     return world
 
 
-def sft_conversations(world: World) -> tuple[list, list]:
+def sft_conversations(world: World, with_sources: bool = True) -> tuple[list, list]:
     """(train, validation) chat conversations for fine-tuning a world model: questions
     about seen entities with their answers, and about unknown entities with
     :data:`IDK`; phrasings 0-1 train, phrasing 2 validates, phrasing 3 is never used
-    (the paraphrase probe asks it). Unseen entities and news never appear."""
+    (the paraphrase probe asks it). Unseen entities and news never appear.
+
+    ``with_sources`` adds each seen question once more in the RAG prompt of
+    :func:`glassbox.rag.answer.rag_messages`: its article among another article as
+    numbered sources, answered with the fact and a citation ("1736 [2]"), so the model
+    learns to read an answer from its context (what retrieval relies on)."""
+    from glassbox.rag.answer import rag_messages
+
+    rng = random.Random(world.seed)
+    seen = world.by_split("seen")
+    by_name = {e.name: e for e in seen}
+
+    def source(e: Entity) -> str:
+        return f"(world/{e.kind}/{e.name}#0) {e.text}"
 
     def convs(phrasings: range) -> list:
         rows = []
@@ -290,6 +303,15 @@ def sft_conversations(world: World) -> tuple[list, list]:
                 for q in world.questions(split, p, idk=idk):
                     rows.append([{"role": "user", "content": q.question},
                                  {"role": "assistant", "content": q.answer}])  # fmt: skip
+            if not with_sources:
+                continue
+            for q in world.questions("seen", p):
+                other = rng.choice([e for e in seen if e.name != q.entity])
+                docs = [by_name[q.entity], other]
+                rng.shuffle(docs)
+                n = 1 + docs.index(by_name[q.entity])
+                rows.append([*rag_messages(q.question, [source(d) for d in docs]),
+                             {"role": "assistant", "content": f"{q.answer} [{n}]"}])  # fmt: skip
         return rows
 
     return convs(range(2)), convs(range(2, 3))

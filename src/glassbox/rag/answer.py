@@ -52,7 +52,9 @@ class RagAnswer:
         return [h.chunk.id for n, h in enumerate(self.prompt.used, 1) if f"[{n}]" in self.text]
 
 
-def _messages(question: str, sources: list[str]) -> list[dict[str, str]]:
+def rag_messages(question: str, sources: list[str]) -> list[dict[str, str]]:
+    """The RAG prompt: the instruction and numbered sources in the system turn, the
+    question from the user. ``sources`` are "(chunk id) text" strings."""
     system = INSTRUCTION + "".join(f"\n[{n}] {s}" for n, s in enumerate(sources, 1))
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
@@ -62,34 +64,34 @@ def assemble_prompt(
 ) -> RagPrompt:
     """The chat prompt with as many of ``hits`` as fit in ``window - reserve`` tokens."""
     budget = window - reserve
-    bare = tokenizer.encode_chat(_messages(question, []))
+    bare = tokenizer.encode_chat(rag_messages(question, []))
     if len(bare) > budget:
         raise GlassboxError(
             f"The question alone takes {len(bare)} tokens, but the window is {window} with "
             f"{reserve} reserved for the answer; shorten the question or lower --max-tokens."
         )
     sources: list[str] = []
-    prompt = RagPrompt(_messages(question, []), bare, [])
+    prompt = RagPrompt(rag_messages(question, []), bare, [])
     for i, hit in enumerate(hits):
         text = f"({hit.chunk.id}) {hit.chunk.text}"
-        ids = tokenizer.encode_chat(_messages(question, [*sources, text]))
+        ids = tokenizer.encode_chat(rag_messages(question, [*sources, text]))
         if len(ids) > budget:  # cut this chunk to the room left, then stop
             room = budget - len(prompt.ids) - 8  # the marker, the "..." and a token of slack
             chunk_ids = tokenizer.encode(text)
             while room > 0:
                 short = tokenizer.decode(chunk_ids[:room]).rstrip("\ufffd") + "..."
-                ids = tokenizer.encode_chat(_messages(question, [*sources, short]))
+                ids = tokenizer.encode_chat(rag_messages(question, [*sources, short]))
                 if len(ids) <= budget:
                     sources.append(short)
                     prompt = RagPrompt(
-                        _messages(question, sources), ids, [*prompt.used, hit], [hit]
+                        rag_messages(question, sources), ids, [*prompt.used, hit], [hit]
                     )
                     break
                 room -= max(1, len(ids) - budget)
             prompt.dropped = [h for h in hits[i:] if h not in prompt.used]
             return prompt
         sources.append(text)
-        prompt = RagPrompt(_messages(question, sources), ids, [*prompt.used, hit])
+        prompt = RagPrompt(rag_messages(question, sources), ids, [*prompt.used, hit])
     return prompt
 
 
