@@ -275,7 +275,7 @@ def test_bradley_terry_and_elo_by_hand():
     players = ["A", "B", "C"]
     s = arena.bradley_terry(games, players, prior=0.0)
     p = 10 ** (s / 400)
-    wins, n = arena._tables(games, players)
+    wins, n = arena._tables(*arena._encode(games, players), 3)
     expected = [(n[i] * p[i] / (p[i] + p)).sum() for i in range(3)]
     assert expected == pytest.approx(list(wins), abs=1e-6)
     # Elo by hand: equal ratings, A wins: A gains K/2

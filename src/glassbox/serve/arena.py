@@ -111,52 +111,60 @@ def read_games(arena_dir: Path) -> list[Game]:
     return sorted(games, key=lambda g: g.time)
 
 
-def _tables(games: list[Game], players: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(wins (P,), games played (P, P)) with ties as half wins."""
+def _encode(games: list[Game], players: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Games as arrays: (index of a (G,), index of b (G,), score of a (G,))."""
     index = {p: i for i, p in enumerate(players)}
-    wins, n = np.zeros(len(players)), np.zeros((len(players), len(players)))
-    for g in games:
-        i, j = index[g.a], index[g.b]
-        wins[i] += g.score
-        wins[j] += 1 - g.score
-        n[i, j] += 1
-        n[j, i] += 1
-    return wins, n
+    a = np.array([index[g.a] for g in games], dtype=np.int64)
+    b = np.array([index[g.b] for g in games], dtype=np.int64)
+    return a, b, np.array([g.score for g in games], dtype=np.float64)
+
+
+def _tables(a: np.ndarray, b: np.ndarray, score: np.ndarray, P: int) -> tuple:
+    """(wins (P,), games played (P, P)) with ties as half wins."""
+    wins = np.bincount(a, score, P) + np.bincount(b, 1 - score, P)
+    n = np.zeros((P, P))
+    np.add.at(n, (a, b), 1)
+    return wins, n + n.T
+
+
+def _bt(wins: np.ndarray, n: np.ndarray, prior: float, iters: int) -> np.ndarray:
+    """Hunter's MM updates p_i <- W_i / sum_j n_ij / (p_i + p_j), on the Elo scale."""
+    wins = wins + prior / 2
+    p = np.ones(len(wins))
+    for _ in range(iters):
+        denom = (n / (p[:, None] + p[None, :])).sum(1) + prior / (p + 1.0)
+        new = np.maximum(wins / np.maximum(denom, 1e-300), 1e-300)
+        if prior == 0:
+            new = new / np.exp(np.log(new).mean())  # the plain fit is defined up to a scale
+        done = np.max(np.abs(np.log(new) - np.log(p))) < 1e-10
+        p = new
+        if done:
+            break
+    scores = 400 * np.log10(p)
+    return scores - scores.mean() + 1000
 
 
 def bradley_terry(
     games: list[Game], players: list[str], prior: float = 1.0, iters: int = 500
 ) -> np.ndarray:
-    """Bradley-Terry log-strengths on the Elo scale (mean 1000), by Hunter's MM updates:
-    p_i <- W_i / sum_j n_ij / (p_i + p_j). ``prior`` virtual ties against an anchor of
-    strength 1 keep every score finite (0 = the plain maximum-likelihood fit)."""
-    wins, n = _tables(games, players)
-    wins = wins + prior / 2
-    p = np.ones(len(players))
-    for _ in range(iters):
-        denom = (n / (p[:, None] + p[None, :])).sum(1) + prior / (p + 1.0)
-        new = wins / np.maximum(denom, 1e-300)
-        new = np.maximum(new, 1e-300)
-        if prior == 0:
-            new = new / np.exp(np.log(new).mean())  # the plain fit is defined up to a scale
-        if np.max(np.abs(np.log(new) - np.log(p))) < 1e-10:
-            p = new
-            break
-        p = new
-    scores = 400 * np.log10(p)
-    return scores - scores.mean() + 1000
+    """Bradley-Terry log-strengths on the Elo scale (mean 1000), by Hunter's MM
+    algorithm. ``prior`` virtual ties against an anchor of strength 1 keep every score
+    finite (0 = the plain maximum-likelihood fit)."""
+    return _bt(*_tables(*_encode(games, players), len(players)), prior, iters)
+
+
+def _elo(a: np.ndarray, b: np.ndarray, score: np.ndarray, P: int, k: float = 32.0) -> np.ndarray:
+    r = [1000.0] * P
+    for i, j, s in zip(a.tolist(), b.tolist(), score.tolist(), strict=True):
+        delta = k * (s - 1 / (1 + 10 ** ((r[j] - r[i]) / 400)))
+        r[i] += delta
+        r[j] -= delta
+    return np.array(r)
 
 
 def elo(games: list[Game], players: list[str], k: float = 32.0) -> np.ndarray:
     """Online Elo ratings after the games in order (start 1000)."""
-    index = {p: i for i, p in enumerate(players)}
-    r = np.full(len(players), 1000.0)
-    for g in games:
-        i, j = index[g.a], index[g.b]
-        expected = 1 / (1 + 10 ** ((r[j] - r[i]) / 400))
-        r[i] += k * (g.score - expected)
-        r[j] -= k * (g.score - expected)
-    return r
+    return _elo(*_encode(games, players), len(players), k)
 
 
 def leaderboard(games: list[Game], rounds: int = 200, seed: int = 0) -> dict:
@@ -165,27 +173,29 @@ def leaderboard(games: list[Game], rounds: int = 200, seed: int = 0) -> dict:
     players = sorted({g.a for g in games} | {g.b for g in games})
     if not players:
         return {"votes": 0, "players": []}
-    bt, el = bradley_terry(games, players), elo(games, players)
+    P = len(players)
+    a, b, score = _encode(games, players)
+    bt, el = _bt(*_tables(a, b, score, P), 1.0, 500), _elo(a, b, score, P)
     rng = np.random.default_rng(seed)
-    boot_bt, boot_elo = [], []
+    boot_bt, boot_elo = [bt], [el]  # with rounds=0 the interval is the point itself
     for _ in range(rounds):
-        pick = sorted(rng.integers(0, len(games), len(games)))  # keep the cast order
-        sample = [games[i] for i in pick]
-        boot_bt.append(bradley_terry(sample, players, iters=200))
-        boot_elo.append(elo(sample, players))
+        pick = np.sort(rng.integers(0, len(games), len(games)))  # keep the cast order
+        boot_bt.append(_bt(*_tables(a[pick], b[pick], score[pick], P), 1.0, 200))
+        boot_elo.append(_elo(a[pick], b[pick], score[pick], P))
+    if rounds:
+        boot_bt, boot_elo = boot_bt[1:], boot_elo[1:]
     lo_bt, hi_bt = np.percentile(boot_bt, [2.5, 97.5], axis=0)
     lo_el, hi_el = np.percentile(boot_elo, [2.5, 97.5], axis=0)
+    won = np.bincount(a, score == 1, P) + np.bincount(b, score == 0, P)
+    tied = np.bincount(a, score == 0.5, P) + np.bincount(b, score == 0.5, P)
+    played = np.bincount(a, minlength=P) + np.bincount(b, minlength=P)
     rows = []
     for i, name in enumerate(players):
-        won = sum(
-            1 for g in games if (g.a == name and g.score == 1) or (g.b == name and g.score == 0)
-        )
-        tied = sum(1 for g in games if name in (g.a, g.b) and g.score == 0.5)
-        played = sum(1 for g in games if name in (g.a, g.b))
         rows.append({
             "name": name, "bt": _r(bt[i]), "bt_ci": [_r(lo_bt[i]), _r(hi_bt[i])],
             "elo": _r(el[i]), "elo_ci": [_r(lo_el[i]), _r(hi_el[i])],
-            "games": played, "wins": won, "ties": tied, "losses": played - won - tied,
+            "games": int(played[i]), "wins": int(won[i]), "ties": int(tied[i]),
+            "losses": int(played[i] - won[i] - tied[i]),
         })  # fmt: skip
     rows.sort(key=lambda r: -r["bt"])
     return {"votes": len(games), "players": rows, "bootstrap_rounds": rounds}

@@ -44,12 +44,34 @@ MAX_ATTENTION_CELLS = 8_000_000  # layers x heads x T x T numbers in one answer
 MAX_RESPONSE_CHARS = 100_000  # characters of one arena response
 
 
+class LogitsCache:
+    """The last few contexts' logits, so moving a slider does not rerun the model."""
+
+    def __init__(self, size: int = 64):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, sm: ServedModel, ids: list[int]) -> torch.Tensor:
+        key = (sm.name, tuple(ids))
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        limit = sm.engine.engine.vocab_limit
+        logits = next_token_logits(sm.engine.engine.model, ids)[:limit]  # padding rows cut
+        with self.lock:
+            self.items[key] = logits
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return logits
+
+
 @dataclass
 class PlaygroundConfig:
     """What ``--playground`` turned on (``app.state.playground``)."""
 
     arena_dir: Path
     diffusion: dict = field(default_factory=dict)  # name -> DiffusionPipeline
+    logits: LogitsCache = field(default_factory=LogitsCache)
 
 
 def playground(request: Request) -> PlaygroundConfig:
@@ -161,30 +183,6 @@ def _sampling(body: NextTokenRequest, vocab_size: int) -> SamplingParams:
                           min_p=body.min_p)  # fmt: skip
 
 
-class LogitsCache:
-    """The last few contexts' logits, so moving a slider does not rerun the model."""
-
-    def __init__(self, size: int = 64):
-        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
-
-    def get(self, sm: ServedModel, ids: list[int]) -> torch.Tensor:
-        key = (sm.name, tuple(ids))
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        limit = sm.engine.engine.vocab_limit
-        logits = next_token_logits(sm.engine.engine.model, ids)[:limit]  # padding rows cut
-        with self.lock:
-            self.items[key] = logits
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return logits
-
-
-_LOGITS = LogitsCache()
-
-
 # -- endpoints ------------------------------------------------------------------------
 
 
@@ -253,12 +251,12 @@ async def chat_context(body: ContextRequest, request: Request) -> dict:
                               body.max_tokens)  # fmt: skip
         session.turns = list(turns)
         try:
-            dropped = session.fit()
+            session.fit()  # drops from session.turns (no compression: that calls the model)
         except GlassboxError as e:
             raise bad_request(str(e), "messages", "context_length_exceeded") from None
         used = session.tokens_used(True)
         return {
-            "messages": session.messages, "dropped": dropped, "used": used,
+            "messages": session.messages, "dropped": len(turns) - len(session.turns), "used": used,
             "reserve": session.reserve(), "left": sm.context_length - used,
             "context_length": sm.context_length,
         }  # fmt: skip
@@ -279,7 +277,7 @@ async def next_token(body: NextTokenRequest, request: Request) -> dict:
 
     def run() -> dict:
         ids = _context_ids(sm, body.prompt, body.token_ids, body.chat)
-        logits = _LOGITS.get(sm, ids)
+        logits = playground(request).logits.get(sm, ids)
         gen = torch.Generator().manual_seed(body.seed)
         d = step_distribution(logits, params, body.top_n, gen)
         text = {c.id: token_display(sm, c.id) for c in d.candidates}
