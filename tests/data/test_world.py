@@ -70,8 +70,16 @@ def test_sft_conversations_never_show_unseen_entities_or_news():
         assert e.name not in text
     answers = {c[1]["content"] for c in train}
     assert IDK in answers and len(answers) > 50
-    held = {c[0]["content"] for c in val}
-    assert not held & {c[0]["content"] for c in train}
+    def questions(convs):
+        return {[m for m in c if m["role"] == "user"][-1]["content"] for c in convs}
+
+    assert not questions(val) & questions(train)
+    rag = [c for c in train if c[0]["role"] == "system"]
+    assert rag and all(c[-1]["content"].endswith(("[1]", "[2]")) for c in rag)
+    for c in rag:  # the cited source holds the answer
+        n = int(c[-1]["content"][-2])
+        cited = c[0]["content"].split(f"\n[{n}] ")[1].split("\n[")[0]
+        assert c[-1]["content"][:-4] in cited
 
 
 def test_pushback_pairs_encode_the_raters_bias_and_load_as_preferences():
