@@ -333,3 +333,41 @@ def test_reward_model_trains_on_arena_votes(client, server, tiny_ckpt, tmp_path)
     last = train_reward(cfg)
     assert (tmp_path / "rm" / "model.safetensors").is_file()
     assert 0.0 <= last["val_accuracy"] <= 1.0 and math.isfinite(last["train_loss"])
+
+
+@pytest.mark.slow
+def test_cli_serves_the_playground(tiny_ckpt, tmp_path, free_port_number, wait_until):
+    """`glassbox serve CKPT --playground --arena-dir DIR`: the page, the API, votes on disk;
+    --diffusion without --playground is refused with a message and no traceback."""
+    import subprocess
+    import sys
+
+    base = f"http://127.0.0.1:{free_port_number}"
+    serve = [sys.executable, "-m", "glassbox.cli", "serve", str(tiny_ckpt)]
+    cmd = [*serve, "--port", str(free_port_number), "--playground", "--arena-dir",
+           str(tmp_path / "votes")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def up() -> bool:
+        try:
+            return httpx.get(base + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(up, timeout=60)
+        assert "Glassbox playground" in httpx.get(base + "/").text
+        assert httpx.get(base + "/playground/explorer.js").status_code == 200
+        r = httpx.post(base + "/v1/glassbox/arena/vote", json={
+            "prompt": [{"role": "user", "content": "q"}], "a": {"name": "x", "content": "1"},
+            "b": {"name": "y", "content": "2"}, "outcome": "b"})  # fmt: skip
+        assert r.status_code == 200
+        assert json.loads((tmp_path / "votes" / "votes.jsonl").read_text())["chosen_model"] == "y"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert f"playground: http://127.0.0.1:{free_port_number}/" in out
+    bad = subprocess.run([*serve, "--diffusion", "runs/x"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert bad.returncode != 0 and "add --playground" in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr
