@@ -190,6 +190,13 @@ def main() -> None:
     print(f"| API (httpx stream) | {a_ttft:.1f} | {a_tps:.1f} |")
     print(f"| page (Chromium) | {p_ttft:.1f} | {p_tps:.1f} |")
     print(f"| page / API | {p_ttft / a_ttft:.2f}x | {p_tps / a_tps:.2f}x |")
+    runs = {"API": api_runs, "page": page_runs}
+    print(
+        "runs (TTFT ms, tokens/s): "
+        + "; ".join(
+            f"{k} " + ", ".join(f"({r[0]:.0f}, {r[1]:.0f})" for r in v) for k, v in runs.items()
+        )
+    )
     q = statistics.quantiles
     print(f"\nexplorer ({args.steps} steps): new context median {med(ex['new']):.1f} ms "
           f"(p90 {q(ex['new'], n=10)[-1]:.1f}); slider move (cached logits) median "
