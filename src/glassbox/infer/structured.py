@@ -43,7 +43,8 @@ class Constraint:
     value: Any = None
 
     def key(self) -> str:
-        return json.dumps([self.kind, self.value], sort_keys=True)
+        # Key order kept: a schema's property order is the order the output writes them.
+        return json.dumps([self.kind, self.value])
 
 
 def bitmask_words(vocab_size: int) -> int:

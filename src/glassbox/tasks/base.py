@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-CHECKERS = ("exact", "number", "list", "json", "contains", "regex", "python", "humaneval")
+CHECKERS = ("exact", "number", "list", "json", "contains", "regex", "python", "humaneval", "tool")
 SANDBOXED = ("python", "humaneval")
 CODE_TIMEOUT_S = 5.0
 CODE_MEMORY_MB = 512
@@ -35,7 +35,9 @@ class Task:
     :meth:`score` applies (see :data:`CHECKERS`); ``answer`` is what it compares with,
     ``schema`` the JSON schema of the ``json`` checker, ``tests`` the hidden asserts of
     the ``python`` checker or the ``check`` function of a HumanEval problem, and
-    ``entry_point`` the function a HumanEval ``check`` receives."""
+    ``entry_point`` the function a HumanEval ``check`` receives. Tool-use tasks
+    (:mod:`glassbox.tasks.tools`) carry ``tools`` (OpenAI function definitions, shown to
+    the model) and ``reference_calls`` (the calls of the reference trajectory)."""
 
     id: str
     family: str
@@ -47,6 +49,8 @@ class Task:
     tests: str = ""
     entry_point: str = ""
     schema: dict | None = field(default=None, compare=False)
+    tools: list | None = field(default=None, compare=False)
+    reference_calls: list | None = field(default=None, compare=False)
 
     def __hash__(self) -> int:  # answer/schema may be dicts or lists; id + prompt suffice
         return hash((self.id, self.family, self.prompt))
@@ -128,6 +132,14 @@ def check_contains(task: Task, completion: str) -> bool:
     return str(task.answer) in completion
 
 
+def check_tool(task: Task, completion: str) -> bool:
+    """Rule: see :func:`glassbox.tasks.tools.check_tool` (a call is right when executing
+    it yields the answer; plain text when it is the answer)."""
+    from glassbox.tasks.tools import check_tool as check
+
+    return check(task, completion)
+
+
 def check_regex(task: Task, completion: str) -> bool:
     """Rule: the whole stripped completion matches the answer's regular expression."""
     return re.fullmatch(str(task.answer), completion.strip()) is not None
@@ -140,4 +152,5 @@ CHECK: dict[str, Callable[[Task, str], bool]] = {
     "json": check_json,
     "contains": check_contains,
     "regex": check_regex,
+    "tool": check_tool,
 }

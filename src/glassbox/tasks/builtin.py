@@ -19,6 +19,7 @@ from typing import Any
 
 from glassbox.errors import GlassboxError
 from glassbox.tasks.base import Task
+from glassbox.tasks.tools import gen_tools
 
 SPLITS = ("train", "heldout")
 DEFAULT_SIZES = {"train": 2000, "heldout": 100}
@@ -233,6 +234,10 @@ GENERATORS: dict[str, Callable[[random.Random], dict[str, Any]]] = {
 }
 FAMILIES: tuple[str, ...] = tuple(GENERATORS)
 SEEDS = {family: 9000 + i for i, family in enumerate(FAMILIES)}
+# Opt-in families (``builtin:tools``): not in builtin:tasks, whose content stays fixed;
+# their conversations are longer (tool definitions in the system turn).
+OPT_IN: dict[str, Callable[[random.Random], dict[str, Any]]] = {"tools": gen_tools}
+SEEDS["tools"] = 9100
 
 
 def _reference(fields: dict[str, Any]) -> str:
@@ -255,7 +260,7 @@ def _family_tasks(family: str, n_heldout: int, n_train: int) -> tuple[tuple[Task
                 f"Family {family!r} ran out of distinct prompts at {len(out)}; ask for fewer "
                 "tasks per split."
             )
-        fields = GENERATORS[family](rng)
+        fields = (GENERATORS.get(family) or OPT_IN[family])(rng)
         if fields["prompt"] in seen:
             continue
         seen.add(fields["prompt"])
@@ -266,7 +271,8 @@ def _family_tasks(family: str, n_heldout: int, n_train: int) -> tuple[tuple[Task
                 id=f"{family}-{split}-{index:05d}", family=family, prompt=fields["prompt"],
                 reference=_reference(fields), checker=fields["checker"], answer=fields["answer"],
                 tests=fields.get("tests", ""), entry_point=fields.get("entry_point", ""),
-                schema=fields.get("schema"),
+                schema=fields.get("schema"), tools=fields.get("tools"),
+                reference_calls=fields.get("calls"),
             )
         )  # fmt: skip
     return tuple(out[:n_heldout]), tuple(out[n_heldout:])
@@ -278,14 +284,15 @@ def builtin_tasks(
     train_size: int = DEFAULT_SIZES["train"],
     heldout_size: int = DEFAULT_SIZES["heldout"],
 ) -> list[Task]:
-    """The built-in tasks of one split, family after family (in :data:`FAMILIES` order).
-    Changing ``train_size`` never changes the heldout tasks."""
+    """The built-in tasks of one split, family after family (in :data:`FAMILIES` order;
+    ``families`` may also name the opt-in ``tools`` family). Changing ``train_size``
+    never changes the heldout tasks."""
     if split not in SPLITS:
         raise GlassboxError(f"split={split!r} is not one of {list(SPLITS)}.")
     chosen = list(families) if families is not None else list(FAMILIES)
-    unknown = [f for f in chosen if f not in GENERATORS]
+    unknown = [f for f in chosen if f not in GENERATORS and f not in OPT_IN]
     if unknown:
-        raise GlassboxError(f"Unknown task families {unknown}; choose from {list(FAMILIES)}.")
+        raise GlassboxError(f"Unknown task families {unknown}; choose from {[*FAMILIES, *OPT_IN]}.")
     for name, size in (("train_size", train_size), ("heldout_size", heldout_size)):
         if size < 0:
             raise GlassboxError(f"{name}={size} must be >= 0.")

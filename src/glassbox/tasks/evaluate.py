@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from glassbox.infer.engine import Engine
     from glassbox.infer.sampling import SamplingParams
     from glassbox.model import Transformer
+    from glassbox.tasks.tools import ToolEvalReport
     from glassbox.tokenizer import Tokenizer
 
 
@@ -52,6 +53,7 @@ class EvalReport:
     overall: FamilyResult
     settings: dict
     samples: list[dict] = field(default_factory=list)  # task_id, sample, completion, score
+    tools: ToolEvalReport | None = None  # tool tasks: the round trip, with/without tools
 
     def accuracy(self, family: str | None = None) -> float:
         """Accuracy of one family, or overall when ``family`` is None."""
@@ -83,7 +85,11 @@ class EvalReport:
             return "  ".join(padded)
 
         rule = "-" * len(line(head))
-        return "\n".join([line(head), rule, *map(line, body[:-1]), rule, line(body[-1])])
+        table = "\n".join([line(head), rule, *map(line, body[:-1]), rule, line(body[-1])])
+        if self.tools is not None:
+            table += "\n\ntool round trip (call -> result -> answer) vs no tools:\n"
+            table += self.tools.table()
+        return table
 
     def to_dict(self) -> dict:
         """Everything as plain JSON-ready values (pass@k keys as "pass@k")."""
@@ -93,12 +99,15 @@ class EvalReport:
             d["pass_at"] = {f"pass@{k}": v for k, v in r.pass_at.items()}
             return d
 
-        return {
+        out = {
             "settings": self.settings,
             "families": [row(r) for r in self.rows],
             "overall": row(self.overall),
             "samples": self.samples,
         }
+        if self.tools is not None:
+            out["tools"] = self.tools.to_dict()
+        return out
 
     def to_json(self) -> str:
         """:meth:`to_dict` as indented JSON text."""
@@ -121,12 +130,13 @@ def limit_per_family(tasks: Sequence[Task], limit: int | None) -> list[Task]:
 
 
 def prompt_ids(tokenizer: Tokenizer, task: Task) -> list[int]:
-    """The ids the model continues for ``task``: a chat generation prompt for chat tasks,
-    ``[eot] + prompt`` for completion-style ones."""
+    """The ids the model continues for ``task``: a chat generation prompt for chat tasks
+    (with the task's tool definitions, if it has any), ``[eot] + prompt`` for
+    completion-style ones."""
     if task.chat:
         from glassbox.conversation import encode_prompt
 
-        return encode_prompt(tokenizer, [{"role": "user", "content": task.prompt}])
+        return encode_prompt(tokenizer, [{"role": "user", "content": task.prompt}], task.tools)
     return [tokenizer.eot_id, *tokenizer.encode(task.prompt)]
 
 
@@ -155,10 +165,16 @@ def evaluate(
     max_seqs: int = 16,
     show_progress: bool = True,
     workers: int = 2,
+    tool_grammar: bool = True,
 ) -> EvalReport:
     """Generate ``n`` completions per task (greedy at temperature 0; seeded otherwise),
     score them with the tasks' checkers (code in ``workers`` parallel sandboxes) and
-    return an :class:`EvalReport`. Quiet when ``show_progress`` is False."""
+    return an :class:`EvalReport`. Quiet when ``show_progress`` is False.
+
+    Tool tasks (``builtin:tools``) are scored on their first turn like any task (a call
+    whose result is the answer, or the answer itself), and also run as a full round trip
+    with and without tools (:func:`glassbox.tasks.tools.evaluate_tools`, the first turn
+    under the tool grammar when ``tool_grammar``): the report's ``tools`` part."""
     from glassbox.infer.engine import Engine
     from glassbox.infer.sampling import SamplingParams
 
@@ -180,8 +196,16 @@ def evaluate(
     settings = {"n": n, "k": ks, "temperature": temperature, "max_tokens": max_tokens,
                 "seed": seed, "tasks": len(tasks)}  # fmt: skip
     skipped = [t for t, ok in zip(tasks, fits, strict=True) if not ok]
-    return score_completions([tasks[i] for i in kept], completions, n=n, k=ks, workers=workers,
-                             skipped=skipped, settings=settings)  # fmt: skip
+    report = score_completions([tasks[i] for i in kept], completions, n=n, k=ks,
+                               workers=workers, skipped=skipped, settings=settings)  # fmt: skip
+    if any(t.tools for t in tasks):
+        from glassbox.tasks.tools import evaluate_tools
+
+        report.tools = evaluate_tools(
+            model, tokenizer, [t for t in tasks if t.tools], max_tokens=max_tokens,
+            temperature=temperature, seed=seed, max_seqs=max_seqs, constrained=tool_grammar,
+        )  # fmt: skip
+    return report
 
 
 def score_completions(

@@ -1,4 +1,5 @@
-"""Task specs: ``builtin:tasks`` or a JSONL file of your own tasks.
+"""Task specs: ``builtin:tasks``, ``builtin:tools`` (the opt-in tool-use family, see
+:mod:`glassbox.tasks.tools`) or a JSONL file of your own tasks.
 
 A task file has one JSON object per line, in one of two forms:
 
@@ -26,22 +27,27 @@ from glassbox.tasks.base import Task
 from glassbox.tasks.builtin import SPLITS, builtin_tasks
 
 BUILTIN = "builtin:tasks"
+BUILTIN_TOOLS = "builtin:tools"
 HUMANEVAL_SAMPLE = "builtin:humaneval-sample"  # examples/humaneval_sample.jsonl, shipped
 FILE_CHECKERS = ("exact", "number", "contains", "regex")
 HUMANEVAL_FIELDS = ("task_id", "prompt", "test", "entry_point")
 
 
 def load_tasks(spec: str, split: str = "train") -> list[Task]:
-    """``builtin:tasks`` (``split`` "train" or "heldout"), ``builtin:humaneval-sample``
+    """``builtin:tasks`` or ``builtin:tools`` (``split`` "train" or "heldout"),
+    ``builtin:humaneval-sample``
     (four small HumanEval-format problems shipped with glassbox) or the path of a JSONL
     task file (``split`` is ignored for files: a file is one set of tasks)."""
     if spec == BUILTIN:
         return builtin_tasks(split)
+    if spec == BUILTIN_TOOLS:
+        return builtin_tasks(split, families=("tools",))
     if spec == HUMANEVAL_SAMPLE:
         return read_task_file(Path(__file__).parent / "examples" / "humaneval_sample.jsonl")
     if spec.startswith("builtin:"):
         raise GlassboxError(
-            f"Unknown task set {spec!r}; use {BUILTIN!r}, {HUMANEVAL_SAMPLE!r} or a .jsonl file."
+            f"Unknown task set {spec!r}; use {BUILTIN!r}, {BUILTIN_TOOLS!r}, "
+            f"{HUMANEVAL_SAMPLE!r} or a .jsonl file."
         )
     if split not in SPLITS:
         raise GlassboxError(f"split={split!r} is not one of {list(SPLITS)}.")

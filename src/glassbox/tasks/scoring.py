@@ -48,7 +48,11 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def sft_conversations(tasks: Sequence[Task]) -> list[list[dict[str, str]]]:
     """One user/assistant conversation per chat task: the prompt, then the reference.
+    Tool tasks give their whole reference trajectory (tool definitions, call, result,
+    answer) as plain role/content turns (:func:`glassbox.tasks.tools.sft_conversation`).
     Completion-style tasks (``chat=False``) are refused: they have no user turn."""
+    from glassbox.tasks.tools import sft_conversation
+
     raw = [t.id for t in tasks if not t.chat]
     if raw:
         raise GlassboxError(
@@ -56,6 +60,7 @@ def sft_conversations(tasks: Sequence[Task]) -> list[list[dict[str, str]]]:
             "conversations need chat tasks (filter with [t for t in tasks if t.chat])."
         )
     return [
+        sft_conversation(t) if t.tools else
         [{"role": "user", "content": t.prompt}, {"role": "assistant", "content": t.reference}]
         for t in tasks
-    ]
+    ]  # fmt: skip

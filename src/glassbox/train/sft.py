@@ -160,7 +160,7 @@ def load_conversations(specs: list[str], val_fraction: float) -> tuple[list[Mess
     train: list[Messages] = []
     val: list[Messages] = []
     for spec in specs:
-        if spec == BUILTIN_TASKS:
+        if spec in (BUILTIN_TASKS, "builtin:tools"):
             from glassbox.tasks import load_tasks, sft_conversations
 
             train += sft_conversations(load_tasks(spec, split="train"))
@@ -172,7 +172,8 @@ def load_conversations(specs: list[str], val_fraction: float) -> tuple[list[Mess
             train, val = train + t, val + v
         elif spec.startswith("builtin:"):
             raise GlassboxError(
-                f"--data {spec!r} is not chat data; use {BUILTIN_TASKS}, builtin:world-qa or a "
+                f"--data {spec!r} is not chat data; use {BUILTIN_TASKS}, builtin:tools, "
+                "builtin:world-qa or a "
                 ".jsonl of conversations (a corpus like builtin:stdlib needs --mode domain)."
             )
         else:
