@@ -181,3 +181,36 @@ def test_clear_errors(model, tok, draft):
     with pytest.raises(GlassboxError, match="runs/draft.*different tokenizer|different tokenizer"):
         check_same_tokenizer(tok, other, "runs/target", "runs/draft")
     check_same_tokenizer(tok, tok)  # no error
+
+
+@pytest.mark.slow
+def test_cli_generate_with_a_draft_and_with_prompt_lookup(model, tok, draft, tmp_path):
+    """`glassbox generate --draft` / `--prompt-lookup`: the plain command's greedy text,
+    and the acceptance rate on stderr; a draft with another tokenizer is refused."""
+    import subprocess
+    import sys
+
+    from glassbox.checkpoint import save_model_dir
+
+    save_model_dir(tmp_path / "target", model, tok, "pretrain")
+    save_model_dir(tmp_path / "draft", draft, tok, "pretrain")
+    other = Tokenizer.train(["something else entirely " * 50], vocab_size=280, show_progress=False)
+    save_model_dir(tmp_path / "alien", random_model(other.vocab_size, 2), other, "pretrain")
+
+    def glassbox(*args):
+        cmd = [sys.executable, "-m", "glassbox.cli", "generate", str(tmp_path / "target"),
+               "--prompt", "hello world", "--max-tokens", "16", "--temperature", "0",
+               "--dtype", "fp32", "--device", "cpu", *args]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    plain = glassbox()
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    for args in (["--draft", str(tmp_path / "draft"), "--num-speculative", "3"],
+                 ["--prompt-lookup", "2"]):  # fmt: skip
+        spec = glassbox(*args)
+        assert spec.returncode == 0, spec.stderr[-2000:]
+        assert spec.stdout == plain.stdout
+        assert "speculative: acceptance" in spec.stderr
+    bad = glassbox("--draft", str(tmp_path / "alien"))
+    assert bad.returncode != 0 and "different tokenizer" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -36,16 +36,17 @@ def generate_text(
     stop: list[str] | None = None,
     truncate: bool = False,
     on_text: Callable[[str], object] | None = None,
+    compile: str = "off",
 ) -> Generation:
     """Generate a continuation of ``prompt`` (text, or token ids), streaming pieces of
     text to ``on_text``. Stops at the tokenizer's stop tokens (end of text, end of
     turn), a stop string, or the limit; ``truncate`` drops the oldest prompt tokens
-    to fit the context window."""
+    to fit the context window; ``compile`` is the Engine's (off, on, auto)."""
     params = (params or SamplingParams()).validate(model.cfg.vocab_size)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     keep, max_new = fit_context(len(ids), max_new_tokens, model.cfg.context_length, truncate)
     ids = ids[len(ids) - keep :]
-    engine = Engine(model, tokenizer, max_seqs=1, max_len=len(ids) + max_new)
+    engine = Engine(model, tokenizer, max_seqs=1, max_len=len(ids) + max_new, compile=compile)
     req = GenerationRequest(
         ids, params, max_new, stop=list(stop or []), stop_token_ids=engine.stop_ids
     )

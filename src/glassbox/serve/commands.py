@@ -36,6 +36,12 @@ def serve(
     root_path: Annotated[str, typer.Option(help="Path prefix set by a reverse proxy.")] = "",
     max_seqs: Annotated[int, typer.Option(help="Sequences decoded together (KV slots).")] = 16,
     max_queue: Annotated[int, typer.Option(help="Waiting requests before 429.")] = 64,
+    max_batched_tokens: Annotated[
+        int, typer.Option(help="Tokens per engine step: decode + prompt chunks.")
+    ] = 256,
+    compile: Annotated[
+        str, typer.Option(help="Compiled decode step: off, on, or auto (measured at start).")
+    ] = "off",
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413).")] = 1 << 20,
     cors_origin: Annotated[
         list[str] | None, typer.Option(help="Allowed CORS origin (repeatable); off if none.")
@@ -107,7 +113,9 @@ def serve(
     except ValueError as e:
         raise GlassboxError(f"Invalid limit: {e}") from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    models = load_served_models(checkpoints, device, max_seqs, max_queue, dtype)
+    models = load_served_models(
+        checkpoints, device, max_seqs, max_queue, dtype, max_batched_tokens, compile
+    )
     runs = None
     if diffusion:
         if not playground:

@@ -117,15 +117,19 @@ def load_served_models(
     max_seqs: int = 16,
     max_queue: int = 64,
     dtype: str = "auto",
+    max_batched_tokens: int = 256,
+    compile: str = "off",
 ) -> dict[str, ServedModel]:
     """``runs/base`` or ``name=runs/base`` -> ServedModel named ``base`` (or ``name``),
-    in the precision ``dtype`` chooses for each."""
+    in the precision ``dtype`` chooses for each; the Engine options as documented there."""
     models: dict[str, ServedModel] = {}
     for spec in specs:
         name, path = parse_model_spec(spec)
         if name in models:
             raise GlassboxError(f"Two models are named {name!r}; use NAME=PATH to rename one.")
         model, tok, _ = load_for_decoding(path, device, dtype, lambda s, n=name: print(f"{n}: {s}"))
-        engine = Engine(model, tok, max_seqs=max_seqs)
+        engine = Engine(
+            model, tok, max_seqs=max_seqs, max_batched_tokens=max_batched_tokens, compile=compile
+        )
         models[name] = ServedModel.from_engine(name, engine, max_queue)
     return models
