@@ -3,24 +3,32 @@ only decoder: `generate_text`, the terminal chat, the HTTP server and RL rollout
 run through it.
 
 One KV cache with ``max_seqs`` rows ("slots") is allocated up front; each running
-sequence owns one slot. Every :meth:`Engine.step`:
+sequence owns one slot. Every :meth:`Engine.step` runs at most ``max_batched_tokens``
+tokens: one per decoding sequence, the rest prompt chunks:
 
-    1. admit waiting requests while slots are free, and prefill each one alone
-       (its prompt fills its slot; its n choices copy that row; the last position's
-       logits give their first tokens);
-    2. decode one token for every other running sequence in ONE forward pass: a ragged
-       batch of (B, 1) tokens, each row at its own position in its own cache slot;
+    1. prefill: prompts still being prefilled continue, then waiting requests are
+       admitted while slots are free; each gets a chunk of its prompt (the whole rest,
+       or what the step's budget leaves), and all chunks run in ONE forward pass
+       (left-padded to the longest; see :func:`prefill_chunks`). A request whose last
+       chunk ran samples its first tokens (its n choices copy the prompt's cache row);
+       one still mid-prompt holds its slots and samples nothing yet;
+    2. decode one token for every sequence past its prefill in ONE forward pass: a
+       ragged batch of (B, 1) tokens, each row at its own position in its own slot
+       (with ``compile``: the static-shape step, padded to a batch bucket);
     3. per row: logit_bias, penalties, grammar mask; then ONE vectorized sampling op
        for the whole batch (sampling.py); then per row: stop rules and text.
 
-Requests join and leave between steps (continuous batching); nothing is padded.
-Greedy and seeded decoding give the same tokens alone or batched
-(tests/infer/test_engine.py).
+Requests join and leave between steps (continuous batching); a long prompt is spread
+over steps (chunked prefill) so the running sequences still get a token every step.
+Greedy and seeded decoding give the same tokens alone or batched, and whatever the
+chunking (tests/infer/test_engine.py, test_prefill.py).
 
 Faults stay with their request: an exception while prefilling, decoding or sampling one
 request ends that request (finish_reason "error", the exception on its event) and frees
-its slots; the others continue. A batched decode step that raises is retried row by
-row, so the error lands on the rows that cause it.
+its slots; the others continue. A batched prefill or decode step that raises is retried
+row by row, so the error lands on the rows that cause it.
+
+Speculative decoding is a separate single-stream mode: :mod:`glassbox.infer.speculative`.
 
 :class:`AsyncEngine` runs an engine on one background thread that owns the model; the
 HTTP server submits requests from its event loop and receives tokens on asyncio queues.
