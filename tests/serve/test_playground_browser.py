@@ -132,6 +132,23 @@ def test_chat_streams_text(page, server):
     shot(page, "chat")
 
 
+def test_chat_renders_structured_output(page):
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}  # fmt: skip
+    page.select_option("#chat-format", "json_schema")
+    expect(page.locator("#chat-schema")).to_be_visible()
+    page.fill("#chat-schema", json.dumps(schema))
+    page.fill("#chat-input", "yes or no?")
+    page.click("#chat-send")
+    reply = page.locator("#chat-log .msg.assistant .content")
+    expect(reply.locator(".badge")).to_have_text("valid JSON", timeout=30_000)
+    assert json.loads(reply.locator("pre.json").inner_text())["answer"] in ("yes", "no")
+    page.fill("#chat-schema", "{not json")
+    page.fill("#chat-input", "again")
+    page.click("#chat-send")
+    expect(page.locator("#banner")).to_contain_text("not valid JSON")
+
+
 def test_temperature_slider_changes_distribution(page, server):
     page.click("#tab-explorer")
     rows = page.locator("#ex-table tbody tr")

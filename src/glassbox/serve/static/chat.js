@@ -20,6 +20,17 @@ function samplingBody() {
   if (seed !== null) body.seed = seed;
   const stop = $("chat-stop-strings").value.split(",").map((s) => s.trim()).filter(Boolean);
   if (stop.length) body.stop = stop;
+  const bias = $("chat-logit-bias").value.split(",").map((s) => s.trim()).filter(Boolean);
+  if (bias.length) {
+    body.logit_bias = {};
+    for (const pair of bias) {
+      const [id, value] = pair.split(":").map((x) => x.trim());
+      if (!/^\d+$/.test(id) || value === undefined || Number.isNaN(Number(value))) {
+        throw new Error(`logit_bias entry "${pair}" is not TOKEN_ID:BIAS (e.g. 42:-100).`);
+      }
+      body.logit_bias[id] = Number(value);
+    }
+  }
   const format = $("chat-format").value;
   if (format === "json_object") body.response_format = { type: "json_object" };
   if (format === "json_schema") {
