@@ -3,8 +3,7 @@ within the context budget, and the answer cites them.
 
 The prompt is a chat conversation (the model's own chat format)::
 
-    system: Answer the question from the sources below. Cite sources as [1], [2]...
-            If they do not contain the answer, say "I don't know."
+    system: Answer from the sources, citing them as [n]. If they lack it, say "I don't know."
             [1] (doc#0) ...chunk text...
             [2] (doc#3) ...
     user:   {question}
@@ -26,10 +25,7 @@ from glassbox.model import Transformer
 from glassbox.rag.index import Embedder, Hit, Index, Mode
 from glassbox.tokenizer import Tokenizer
 
-INSTRUCTION = (
-    "Answer the question from the sources below. Cite sources as [1], [2]... "
-    'If they do not contain the answer, say "I don\'t know."'
-)
+INSTRUCTION = 'Answer from the sources, citing them as [n]. If they lack it, say "I don\'t know."'
 
 
 @dataclass
