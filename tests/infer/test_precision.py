@@ -19,6 +19,12 @@ from glassbox.model import Transformer
 PROMPTS = ["hello world", "faults stay", "0123", "a small test of the"]
 
 
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """Timings are cached only when the machine is not busy; tests pin that check."""
+    monkeypatch.setattr(P, "busy", lambda: None)
+
+
 def greedy(model, tok, prompt: str, n: int = 16) -> list[int]:
     engine = Engine(model, tok, max_seqs=1)
     req = GenerationRequest(tok.encode(prompt), SamplingParams(temperature=0.0), n)
@@ -139,6 +145,15 @@ def test_measurement_is_cached_per_machine_and_shapes(model, tmp_path):
     (tmp_path / P.CACHE_FILE).write_text("{not json")  # a damaged cache is remeasured
     P.cached_timings("decode", shapes, tmp_path, measure)
     assert len(calls) == 3
+
+
+def test_timings_taken_on_a_busy_machine_are_not_kept(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(P, "busy", lambda: "load 8.0 on 2 CPUs")
+    calls = []
+    shapes = P.linear_shapes(model)
+    for _ in range(2):
+        P.cached_timings("decode", shapes, tmp_path, lambda: calls.append(1) or {"fp32": 1.0})
+    assert len(calls) == 2 and not (tmp_path / P.CACHE_FILE).exists()
 
 
 def test_real_auto_decision_is_sane(model, tok, tmp_path):

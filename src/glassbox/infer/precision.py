@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -162,8 +163,22 @@ def _cache_path(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir else cache_root()
 
 
+def busy() -> str | None:
+    """Why timings taken now would mislead (other work sharing the CPUs), or None."""
+    with contextlib.suppress(OSError, AttributeError):
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cpus:
+            return f"load {load:.1f} on {cpus} CPUs"
+    return None
+
+
 def cached_timings(kind: str, shapes: dict, cache_dir, measure: Callable[[], dict]) -> dict:
-    """``measure()`` once per (machine, kind, shapes), kept in CACHE_FILE (JSON, atomic)."""
+    """``measure()`` once per (machine, kind, shapes), kept in CACHE_FILE (JSON, atomic).
+
+    A measurement taken while the machine is busy (load average above its CPU count)
+    is used but not kept: multi-threaded half-precision kernels suffer most from
+    sharing, so one busy moment must not decide for every later run.
+    """
     from glassbox.checkpoint import atomic_write_bytes
 
     key_obj = {"kind": kind, "shapes": shapes, **machine_key()}
@@ -179,6 +194,8 @@ def cached_timings(kind: str, shapes: dict, cache_dir, measure: Callable[[], dic
     if isinstance(hit, dict) and isinstance(hit.get("timings"), dict):
         return hit["timings"]
     timings = measure()
+    if busy() is not None:
+        return timings
     table[key] = {"timings": timings, "key": key_obj, "measured_at": int(time.time())}
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-measurement
         path.parent.mkdir(parents=True, exist_ok=True)
