@@ -15,6 +15,7 @@ Starts `glassbox serve CKPT --playground` as a separate process, then measures:
    drawn: the "Connected" status).
 
     .venv/bin/python benchmarks/playground.py /work/bench/tiny [--repeats 7 --new 64]
+    .venv/bin/python benchmarks/playground.py random:gpt2-124m   # random weights, that shape
 """
 
 from __future__ import annotations
@@ -155,8 +156,14 @@ def main() -> None:
 
     from glassbox.serve.playground_page import STATIC
 
-    arena = Path(tempfile.mkdtemp()) / "arena"
-    proc = start_server(args.checkpoint, args.port, arena)
+    tmp = Path(tempfile.mkdtemp())
+    ckpt = args.checkpoint
+    if ckpt.startswith("random:"):
+        from decode_single import build_checkpoint
+
+        ckpt = str(build_checkpoint(tmp / "model", ckpt.split(":", 1)[1]))
+    print(f"model: {args.checkpoint}")
+    proc = start_server(ckpt, args.port, tmp / "arena")
     base = f"http://127.0.0.1:{args.port}"
     settings = {"max_tokens": args.new, "seed": 1, "temperature": 0.8, "top_p": 0.95}
     body = {"model": "bench", "messages": [{"role": "user", "content": PROMPT}], **settings}

@@ -160,6 +160,27 @@ export function visible(text) {
   return text.replace(/ /g, "\u00b7").replace(/\n/g, "\u21b5");
 }
 
+/** Call fn(latest value) at most once per animation frame (streams render at most 60/s). */
+export function perFrame(fn) {
+  let frame = null;
+  let latest;
+  const update = (value) => {
+    latest = value;
+    if (frame === null) {
+      frame = requestAnimationFrame(() => {
+        frame = null;
+        fn(latest);
+      });
+    }
+  };
+  update.flush = () => {
+    if (frame !== null) cancelAnimationFrame(frame);
+    frame = null;
+    if (latest !== undefined) fn(latest);
+  };
+  return update;
+}
+
 export function debounce(fn, ms) {
   let timer = null;
   return (...args) => {

@@ -1,7 +1,7 @@
 // Arena: two contestants (two models, or one model with two sampling settings) answer
 // the same prompt, blind and in random order; the vote is appended by the server to the
 // preference JSONL `glassbox reward` trains on; the leaderboard is re-read after each vote.
-import { $, api, apiBlob, el, guarded, num, showError, streamChat } from "./api.js";
+import { $, api, apiBlob, el, guarded, num, perFrame, showError, streamChat } from "./api.js";
 
 let round = null; // {prompt, shown: [{name, text}, {name, text}]}
 
@@ -36,15 +36,17 @@ async function ask() {
   const slots = [$("ar-a"), $("ar-b")];
   slots.forEach((s) => s.replaceChildren());
   const max = num("ar-max");
+  const renders = slots.map((slot) => perFrame((all) => {
+    slot.textContent = all;
+  }));
   const results = await Promise.all(pair.map((c, i) => streamChat(
     { model: c.model, messages: prompt, max_tokens: max, temperature: c.temperature },
-    (_, all) => {
-      slots[i].textContent = all;
-      round.shown[i].text = all;
-    },
+    (_, all) => renders[i](all),
   )));
   results.forEach((r, i) => {
     round.shown[i].text = r.text;
+    renders[i].flush();
+    slots[i].textContent = r.text;
   });
   setVoting(true);
   $("ar-vote-a").focus();

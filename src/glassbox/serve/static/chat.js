@@ -1,6 +1,6 @@
 // Chat: streaming replies, every sampling control, a context meter that applies the
 // server's own rule (POST v1/glassbox/chat_context), stop, and structured output.
-import { $, api, debounce, el, guarded, num, showError, streamChat } from "./api.js";
+import { $, api, debounce, el, guarded, num, perFrame, showError, streamChat } from "./api.js";
 
 const history = []; // {role, content, dropped?}
 let controller = null;
@@ -122,15 +122,17 @@ async function send() {
   $("chat-send").disabled = true;
   const maxTokens = Math.min(num("chat-max_tokens"), fit.context_length - fit.used);
   let result = null;
+  const render = perFrame((all) => renderReply(reply.body, all, structured));
   try {
     result = await streamChat(
       { ...body, messages: fit.messages, max_tokens: maxTokens },
-      (_, all) => renderReply(reply.body, all, structured),
+      (_, all) => render(all),
       controller.signal,
     );
   } catch (e) {
     if (e.name !== "AbortError") showError(e);
   } finally {
+    render.flush();
     const shown = result ? result.text : reply.body.textContent;
     history.push({ role: "assistant", content: shown });
     controller = null;
