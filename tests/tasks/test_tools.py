@@ -169,3 +169,24 @@ def test_random_model_report_and_the_command_line(heldout, tmp_path):
     assert "acc+tools" in proc.stdout and "validity" in proc.stdout
     data = json.loads((tmp_path / "run" / "eval_builtin-tools_heldout.json").read_text())
     assert data["tools"]["overall"]["tasks"] == 3 and data["overall"]["tasks"] == 3
+
+
+@pytest.mark.slow
+def test_sft_and_grpo_commands_take_the_tool_family(heldout, tmp_path):
+    tok = tool_tok(heldout)
+    save_model_dir(tmp_path / "base", long_model(tok), tok, stage="pretrain")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def glassbox(*args):
+        cmd = [sys.executable, "-m", "glassbox.cli", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env=env)  # fmt: skip
+
+    sft = glassbox("sft", "base", "--data", "builtin:tools", "--out", "sft", "--max-steps", "2",
+                   "--batch-size", "2", "--eval-interval", "2", "--eval-tasks", "builtin:tools",
+                   "--eval-limit", "2")  # fmt: skip
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    assert "done: step 2" in sft.stdout
+    grpo = glassbox("grpo", "sft", "--tasks", "builtin:tools", "--out", "grpo", "--max-steps",
+                    "1", "--max-tokens", "16")  # fmt: skip
+    assert grpo.returncode == 0, grpo.stderr[-3000:]
