@@ -198,10 +198,10 @@ def _article_text(e: Entity, cutoff_year: int) -> str:
 
 def make_world(
     seed: int = 0,
-    cities: int = 24,
-    organisations: int = 24,
-    people: int = 120,
-    events: int = 48,
+    cities: int = 40,
+    organisations: int = 40,
+    people: int = 300,
+    events: int = 100,
     unseen: float = 0.2,
     news: float = 0.25,
     cutoff_year: int = 2020,
