@@ -89,6 +89,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def attention(q, k, v, mask, causal: bool, gqa: bool) -> torch.Tensor:
+    """SDPA. Half-precision weights on a CPU (``--dtype bf16|fp16``) attend in fp32:
+    softmax in fp32, and CPU half SDPA kernels are 3-6x slower than fp32's at decode
+    sizes; the cast is cheap next to the weights. Autocast (training) is left alone."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    if half and q.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+        y = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal, enable_gqa=gqa
+        )
+        return y.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -117,12 +130,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_kv_head != self.n_head
         if cache is None:  # causal, or the packed-sequence mask when one is given
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
-            )
+            y = attention(q, k, v, mask, mask is None, gqa)
         else:
             k, v = cache.update(self.layer, k, v, input_pos, rows, span)  # (B,K,S,D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = attention(q, k, v, mask, False, gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B,T,C)
         return self.o_proj(y)
 
