@@ -221,6 +221,18 @@ def tool(name="f", params=None):
         ({"tools": [tool("bad name!")]}, "tools[0].function.name"),
         ({"tools": [{"type": "retrieval"}]}, "tools[0].type"),
         ({"tools": [tool()] * 200}, "tools"),
+        (
+            {"tools": [tool(params={"type": "object", "$schema": 5})]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                "tools": [
+                    tool(params={"type": "object", "properties": {"a": {"$ref": "#/$defs/no"}}})
+                ]
+            },
+            "tools",
+        ),
         ({"tools": [tool()], "guided_regex": "a+"}, "guided_regex"),
     ],
 )

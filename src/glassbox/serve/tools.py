@@ -127,6 +127,10 @@ def check_parameters(params: Any, param: str) -> None:
         jsonschema.validators.validator_for(params).check_schema(params)
     except jsonschema.SchemaError as e:
         raise bad_request(f"{param} is not a valid JSON Schema: {e.message}", param) from None
+    except Exception as e:  # e.g. a $schema that is not a string: still the client's schema
+        raise bad_request(
+            f"{param} is not a valid JSON Schema ({type(e).__name__}).", param
+        ) from None
 
 
 def check_tool_choice(choice: Any, tools: list[dict[str, Any]]) -> tuple[str, str | None]:
