@@ -42,7 +42,6 @@ import torch
 
 from glassbox.errors import GlassboxError
 from glassbox.infer.detokenize import IncrementalDetokenizer
-from glassbox.infer.engine import prefill_chunks
 from glassbox.infer.generate import Generation
 from glassbox.infer.rules import StopStrings, fit_context, stop_token_ids
 from glassbox.infer.sampling import (
@@ -194,16 +193,14 @@ class _Cached:
 
     @torch.inference_mode()
     def feed(self, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Run ``tokens`` at positions valid.. ; returns logits (T, V) or (1, V)."""
+        """Run ``tokens`` at positions valid.. ; returns logits (T, V), or the last
+        position's (1, V)."""
         start, T = self.valid, len(tokens)
         idx = torch.tensor([tokens], device=self.device)  # (1, T)
-        if not all_logits:
-            logits = prefill_chunks(self.model, self.cache, [idx[0]], [start], [0])
-        else:
-            pos = torch.arange(start, start + T, device=self.device).view(1, T)
-            logits = self.model(idx, self.cache, pos, None)[0]  # (T, V)
+        pos = torch.arange(start, start + T, device=self.device).view(1, T)
+        logits = self.model(idx, self.cache, pos, None, last_only=not all_logits)[0]
         self.valid += T
-        return logits
+        return logits  # (T, V) or (1, V)
 
 
 class SpeculativeDecoder:
