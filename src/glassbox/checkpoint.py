@@ -270,7 +270,13 @@ class Loaded:
 
 Loader = Callable[[Path, dict, torch.device], Loaded]
 LOADERS: dict[str, Loader] = {}
-_BUILTIN_LOADERS = ("glassbox.model", "glassbox.diffusion.model", "glassbox.train.reward")
+_BUILTIN_LOADERS = (
+    "glassbox.model",
+    "glassbox.diffusion.model",
+    "glassbox.train.reward",
+    "glassbox.vision.clip",
+    "glassbox.vision.vlm",
+)
 
 
 def register_loader(architecture: str) -> Callable[[Loader], Loader]:

@@ -13,6 +13,7 @@ from glassbox.errors import GlassboxError
 from glassbox.rag.cli import register as register_rag
 from glassbox.serve.commands import register as register_serving
 from glassbox.train.pretrain import PretrainConfig
+from glassbox.vision.cli import register as register_vision
 
 app = typer.Typer(
     help="Glassbox: tokenizer, transformer, pretraining, generation, diffusion.",
@@ -25,6 +26,7 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(diffuse_app, name="diffuse")
 register_serving(app)
 register_rag(app)
+register_vision(app)
 
 DATA_HELP = "Corpus: builtin:stdlib|builtin:python|builtin:pydoc, a file, directory, glob or .jsonl"
 

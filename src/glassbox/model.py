@@ -203,8 +203,9 @@ class Transformer(nn.Module):
         rows: torch.Tensor | None = None,  # (B,) cache rows for these sequences
         last_only: bool = False,  # logits for the last position only (prefill)
         segment_ids: torch.Tensor | None = None,  # (B, T) packed sequences, see hidden()
+        embeds: torch.Tensor | None = None,  # (B, T, C) input vectors instead of embed(idx)
     ) -> torch.Tensor:
-        x = self.hidden(idx, cache, input_pos, rows, segment_ids)  # (B, T, C)
+        x = self.hidden(idx, cache, input_pos, rows, segment_ids, embeds)  # (B, T, C)
         if last_only:  # a prefill needs one row of logits, not T (the LM head is large)
             x = x[:, -1:]
         return self.lm_head(x)  # (B, T, V), or (B, 1, V) with last_only
@@ -216,6 +217,7 @@ class Transformer(nn.Module):
         input_pos: torch.Tensor | None = None,  # (B, T) positions; default 0..T-1
         rows: torch.Tensor | None = None,  # (B,) cache rows for these sequences
         segment_ids: torch.Tensor | None = None,  # (B, T) which packed sequence, or None
+        embeds: torch.Tensor | None = None,  # (B, T, C) input vectors, or None
     ) -> torch.Tensor:
         """The final normalized hidden states (B, T, C), before the LM head (reward and
         value heads read these).
@@ -223,9 +225,12 @@ class Transformer(nn.Module):
         ``segment_ids`` packs several sequences into one row: a token attends only to
         earlier tokens with the same id, and ``input_pos`` should restart at 0 for each
         sequence, so a packed row computes exactly what the sequences would alone.
+
+        ``embeds`` replaces the token embeddings ``embed(idx)`` (a vision-language model
+        splices image vectors in at its image positions); ``idx`` still gives the shape.
         """
         B, T = idx.shape
-        x = self.embed(idx)  # (B, T, C)
+        x = self.embed(idx) if embeds is None else embeds  # (B, T, C)
         mask, span = None, 0
         if cache is None and input_pos is None and segment_ids is None:
             if T > self.cfg.context_length:

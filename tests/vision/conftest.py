@@ -1,0 +1,45 @@
+"""Tiny contrastive and vision-language checkpoints, trained for a few steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from glassbox import checkpoint as ckpt
+from glassbox.vision.train import ClipTrainConfig, VLMTrainConfig, train_clip, train_vlm
+
+TINY_CLIP = dict(
+    vision_dim=32, vision_layers=1, text_dim=32, text_layers=1, embed_dim=16, num_images=64,
+    batch_size=16, log_interval=2, eval_interval=4, checkpoint_interval=4, device="cpu",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def clip_run(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("clip") / "run"
+    train_clip(ClipTrainConfig(out=str(out), max_steps=4, **TINY_CLIP))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory, tokenizer) -> str:
+    import torch
+
+    from glassbox.config import ModelConfig
+    from glassbox.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("test", vocab_size=tokenizer.vocab_size, context_length=128)
+    out = tmp_path_factory.mktemp("lm") / "sft"
+    ckpt.save_model_dir(out, Transformer(cfg), tokenizer, "sft")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def vlm_run(tmp_path_factory, clip_run, lm_run) -> str:
+    out = tmp_path_factory.mktemp("vlm") / "run"
+    cfg = VLMTrainConfig(
+        base=lm_run, vision=clip_run, out=str(out), num_images=64, batch_size=4, max_steps=2,
+        eval_interval=2, checkpoint_interval=2, eval_limit=2, device="cpu",
+    )  # fmt: skip
+    train_vlm(cfg)
+    return str(out)

@@ -1,0 +1,111 @@
+"""The vision-language model: the embeds hook, splicing, image dependence, train, ask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from glassbox import checkpoint as ckpt
+from glassbox.cli import app
+from glassbox.errors import GlassboxError
+from glassbox.vision.scenes import make_scenes
+from glassbox.vision.vlm import (
+    IMAGE_MARKER,
+    flatten_content_parts,
+    generate,
+    image_messages,
+    prompt_ids,
+    splice_ids,
+    training_example,
+)
+
+
+def test_embeds_hook_leaves_ids_path_unchanged(tiny_model):
+    ids = torch.randint(0, tiny_model.cfg.vocab_size, (2, 9))
+    plain = tiny_model(ids)
+    same = tiny_model(ids, embeds=tiny_model.embed(ids))
+    assert torch.equal(plain, same)
+    other = tiny_model(ids, embeds=tiny_model.embed(ids) + 1.0)
+    assert not torch.allclose(plain, other)
+
+
+@pytest.fixture(scope="module")
+def vlm(vlm_run):
+    loaded = ckpt.load_checkpoint(vlm_run)
+    assert loaded.architecture == "vlm"
+    return loaded.model, loaded.tokenizer
+
+
+def test_placeholder_splices_image_tokens(vlm):
+    model, tok = vlm
+    n = model.image_tokens
+    assert n == 1 + (48 // 8) ** 2
+    msgs = [{"role": "user", "content": f"{IMAGE_MARKER}\nfirst {IMAGE_MARKER}\nsecond"}]
+    from glassbox.conversation import encode_prompt
+
+    plain = encode_prompt(tok, msgs)
+    ids, starts = prompt_ids(tok, msgs, 2, n)
+    assert len(starts) == 2 and starts[1] > starts[0] + n
+    assert len(ids) == len(plain) - 2 * len(tok.encode(IMAGE_MARKER)) + 2 * n
+    assert all(ids[s + k] == tok.pad_id for s in starts for k in range(n))
+    with pytest.raises(GlassboxError, match="2 image placeholders"):
+        splice_ids(tok, plain, 1, n)
+    ids, mask, starts = training_example(tok, "What colour?", "red", True, n)
+    assert len(ids) == len(mask) and sum(mask[starts[0] : starts[0] + n]) == 0
+    learned = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert learned.startswith("red")
+
+
+def test_forward_with_image_differs_from_without(vlm):
+    model, tok = vlm
+    data = make_scenes(2, "heldout")
+    with_img = prompt_ids(tok, image_messages("How many shapes are there?", True), 1,
+                          model.image_tokens)  # fmt: skip
+    ids = torch.tensor([with_img[0]])
+    slots = torch.tensor([[0, with_img[1][0]]])
+    with torch.no_grad():
+        a = model(ids, data.floats(slice(0, 1)), slots)
+        b = model(ids)  # the same ids, image slots left as plain pad embeddings
+        c = model(ids, data.floats(slice(1, 2)), slots)
+    assert not torch.allclose(a[0, -1], b[0, -1]) and not torch.allclose(a[0, -1], c[0, -1])
+    # Batched greedy decoding of unequal prompts equals decoding each alone.
+    blind = prompt_ids(tok, image_messages("Is there a red cross?", False), 0, model.image_tokens)
+    imgs = [data.images[:1], None]
+    both = generate(model, tok, [with_img, blind], imgs, max_new_tokens=4)
+    alone = [generate(model, tok, [p], [im], max_new_tokens=4)[0]
+             for p, im in zip([with_img, blind], imgs, strict=True)]  # fmt: skip
+    assert both == alone
+
+
+def test_content_parts_become_markers():
+    msgs = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "text", "text": "What is this?"},
+    ]}]  # fmt: skip
+    flat, images = flatten_content_parts(msgs)
+    assert flat[0]["content"] == f"{IMAGE_MARKER}\nWhat is this?"
+    assert images[0][0] == "messages[0].content[0].image_url"
+    with pytest.raises(GlassboxError, match="content\\[0\\].type='audio'"):
+        flatten_content_parts([{"role": "user", "content": [{"type": "audio"}]}])
+
+
+def test_vlm_ask_cli(vlm_run, tmp_path):
+    img = tmp_path / "scene.png"
+    Image.fromarray(np.asarray(make_scenes(1, "heldout").images[0].permute(1, 2, 0))).save(img)
+    args = ["vlm", "ask", vlm_run, "--image", str(img), "How many shapes?", "--max-tokens", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "time to first token" in result.output
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    result = CliRunner().invoke(app, ["vlm", "ask", vlm_run, "--image", str(bad), "Hi?"])
+    assert result.exit_code != 0 and "bad.png" in str(result.exception)
+
+
+def test_vlm_train_refuses_wrong_vision(lm_run, tmp_path):
+    result = CliRunner().invoke(app, ["vlm", "train", lm_run, "--vision", lm_run, "--out",
+                                      str(tmp_path / "v")])  # fmt: skip
+    assert result.exit_code != 0 and "glassbox clip train" in str(result.exception)
