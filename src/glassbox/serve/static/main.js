@@ -21,6 +21,7 @@ async function loadInfo() {
     second.value = data.models[1].id;
   }
   $("status").textContent = `Connected: ${data.models.map((m) => m.id).join(", ")}.`;
+  performance.mark("glassbox:connected"); // for benchmarks/playground.py
   $("ar-dir").textContent = data.arena_dir;
   $("at-limit").textContent = data.limits.max_attention_tokens;
   document.dispatchEvent(new CustomEvent("glassbox:info", { detail: data }));
