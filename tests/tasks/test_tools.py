@@ -188,5 +188,6 @@ def test_sft_and_grpo_commands_take_the_tool_family(heldout, tmp_path):
     assert sft.returncode == 0, sft.stderr[-3000:]
     assert "done: step 2" in sft.stdout
     grpo = glassbox("grpo", "sft", "--tasks", "builtin:tools", "--out", "grpo", "--max-steps",
-                    "1", "--max-tokens", "16")  # fmt: skip
+                    "1", "--max-tokens", "16", "--batch-size", "4", "--num-generations", "2",
+                    "--eval-limit", "1")  # fmt: skip
     assert grpo.returncode == 0, grpo.stderr[-3000:]
