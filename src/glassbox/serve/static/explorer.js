@@ -76,27 +76,27 @@ function show(answer) {
   const body = $("ex-table").tBodies[0];
   body.replaceChildren(...answer.candidates.map((cand) => {
     const status = cand.kept ? "kept" : `dropped by ${cand.dropped_by}`;
+    const branch = () => guarded(() => append(cand.id, cand.text));
+    const button = el("button", {
+      type: "button",
+      class: "tok-button",
+      "aria-label": `Branch with token ${visible(cand.text)} (${status}, ${pct(cand.p_final)} after filters)`,
+    }, visible(cand.text));
+    button.addEventListener("click", (e) => {
+      e.stopPropagation();
+      branch();
+    });
     const row = el("tr", {
       class: `${cand.kept ? "kept" : "dropped"}${cand.id === c.id ? " chosen" : ""}`,
-      tabindex: "0",
-      role: "button",
-      "aria-label": `Branch with token ${visible(cand.text)}, ${status}, ${pct(cand.p_final)}`,
       dataset: { tokenId: cand.id, kept: cand.kept, pFinal: cand.p_final, pTemperature: cand.p_temperature },
     },
-    el("td", { class: "tok" }, visible(cand.text)),
+    el("td", { class: "tok" }, button),
     el("td", {}, String(cand.id)),
     el("td", {}, bar(cand.p_raw, "raw")),
     el("td", {}, bar(cand.p_temperature, "temp")),
     el("td", {}, bar(cand.p_final, "final")),
     el("td", {}, cand.id === c.id ? `${status}, drawn` : status));
-    const branch = () => guarded(() => append(cand.id, cand.text));
-    row.addEventListener("click", branch);
-    row.addEventListener("keydown", (e) => {
-      if (e.key === "Enter" || e.key === " ") {
-        e.preventDefault();
-        branch();
-      }
-    });
+    row.addEventListener("click", branch); // the whole row is a click target too
     return row;
   }));
   $("ex-table").dataset.elapsedMs = answer.elapsed_ms.toFixed(1);

@@ -44,6 +44,16 @@ function play() {
   }, 120);
 }
 
+/** A text run takes a caption; a class run a class name or number. */
+function setPromptHint() {
+  const run = (info.diffusion || []).find((r) => r.id === $("img-run").value);
+  if (!run) return;
+  const text = run.condition === "text";
+  const input = $("img-prompt");
+  input.placeholder = text ? "a caption" : run.condition;
+  if (text && /^\d+$/.test(input.value)) input.value = "";
+}
+
 export function initImages() {
   document.addEventListener("glassbox:info", () => {
     const runs = info.diffusion || [];
@@ -54,7 +64,9 @@ export function initImages() {
       "questions about an uploaded image need a multimodal model, which Glassbox does not " +
       "have yet.";
     $("img-run").replaceChildren(...runs.map((r) => new Option(`${r.id} (${r.condition})`, r.id)));
+    setPromptHint();
   });
+  $("img-run").addEventListener("change", setPromptHint);
   $("img-go").addEventListener("click", () => guarded(denoise));
   $("img-play").addEventListener("click", play);
   $("img-frame").addEventListener("input", () => showFrame(Number($("img-frame").value)));
