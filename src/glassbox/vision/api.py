@@ -1,0 +1,94 @@
+"""Images in OpenAI chat requests: ``image_url`` content parts with data URLs, checked.
+
+    {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR..."}},
+        {"type": "text", "text": "How many red shapes are there?"}]}
+
+:func:`request_images` turns such messages into plain-text messages with an
+``<image>`` marker where each image was (:func:`glassbox.vision.vlm.flatten_content_parts`)
+and the decoded images, or raises :class:`~glassbox.serve.errors.APIError` (a 400 naming
+the field, e.g. ``messages[0].content[0].image_url``) for:
+
+* a remote URL (``http(s)://...``): the server never fetches; send a data URL;
+* a data URL that is not ``data:image/...;base64,`` or whose base64 does not decode;
+* more than ``max_images`` images, more than ``max_image_bytes`` bytes in one image, or
+  more than ``max_image_pixels`` pixels (checked from the header, before decoding);
+* bytes that are not an image Pillow reads (corrupt, truncated, unsupported mode).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from glassbox.errors import GlassboxError
+from glassbox.serve.errors import APIError
+from glassbox.vision.scenes import IMAGE_SIZE, load_image
+from glassbox.vision.vlm import flatten_content_parts
+
+_DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+)?(;[^,]*)?,(.*)", re.S)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Per-request caps on images (the server's defaults suit a laptop)."""
+
+    max_images: int = 4
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+
+
+def decode_data_url(url: Any, param: str, limits: ImageLimits) -> bytes:
+    """The bytes of a ``data:image/...;base64,`` URL; anything else is a 400 on ``param``."""
+    if not isinstance(url, str) or not url:
+        raise APIError(400, f"{param}.url must be a non-empty string.", param=param)
+    if re.match(r"[a-z][a-z0-9+.-]*://", url, re.I):
+        raise APIError(
+            400, f"{param}.url is a remote URL ({url[:60]}); this server never fetches URLs. "
+            "Send the image inline as data:image/png;base64,...", param=param,
+        )  # fmt: skip
+    m = _DATA_URL.fullmatch(url)
+    if m is None or not m.group(1) or "base64" not in (m.group(2) or ""):
+        raise APIError(
+            400, f"{param}.url must be a data URL of the form data:image/png;base64,<data>.",
+            param=param,
+        )  # fmt: skip
+    payload = m.group(3)
+    if len(payload) * 3 // 4 > limits.max_image_bytes:
+        raise APIError(
+            400, f"{param} has about {len(payload) * 3 // 4} bytes; this server allows at most "
+            f"{limits.max_image_bytes} bytes per image. Send a smaller image.", param=param,
+        )  # fmt: skip
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"{param}.url has invalid base64 ({e}).", param=param) from e
+
+
+def request_images(
+    messages: list[dict], limits: ImageLimits, image_size: int = IMAGE_SIZE
+) -> tuple[list[dict], list[torch.Tensor]]:
+    """(plain-text messages with ``<image>`` markers, images as (3, S, S) uint8)."""
+    try:
+        flat, parts = flatten_content_parts(messages)
+    except GlassboxError as e:
+        raise APIError(400, str(e), param="messages") from e
+    if len(parts) > limits.max_images:
+        raise APIError(
+            400, f"messages has {len(parts)} images; this server allows at most "
+            f"{limits.max_images} per request.", param="messages",
+        )  # fmt: skip
+    images = []
+    for param, obj in parts:
+        url = obj.get("url") if isinstance(obj, dict) else obj
+        data = decode_data_url(url, param, limits)
+        try:
+            images.append(load_image(data, image_size, param, limits.max_image_pixels))
+        except GlassboxError as e:
+            raise APIError(400, str(e), param=param) from e
+    return flat, images
