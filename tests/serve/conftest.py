@@ -149,6 +149,21 @@ def tiny_diffusion():
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm(tiny_ckpt):
+    """A random vision-language run on the tiny language model (16-px images, 5 slots)."""
+    from glassbox.checkpoint import load_model_dir
+    from glassbox.serve.endpoints.playground_vision import VisionRun
+    from glassbox.vision.clip import ClipConfig
+    from glassbox.vision.vlm import VisionLanguageModel
+
+    lm, tok, _ = load_model_dir(tiny_ckpt, "cpu")
+    cfg = ClipConfig(image_size=16, patch=8, vision_dim=16, vision_layers=1, vision_heads=2,
+                     stem="patch")  # fmt: skip
+    torch.manual_seed(0)
+    return VisionRun(VisionLanguageModel(lm, cfg).eval(), tok)
+
+
+@pytest.fixture(scope="session")
 def no_stop() -> dict[str, float]:
     """logit_bias that keeps the end tokens from being drawn: runs go to max_tokens."""
     return dict(NO_STOP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import math
 import threading
@@ -19,14 +20,14 @@ from glassbox.serve import arena
 
 
 @pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory, start_live, tiny_diffusion):
+def server(tiny_ckpt, tmp_path_factory, start_live, tiny_diffusion, tiny_vlm):
     """A key-protected server with the playground on, votes in a temporary directory."""
     from glassbox.serve.app import create_app, load_served_models
 
     arena_dir = tmp_path_factory.mktemp("arena")
     models = load_served_models([f"tiny={tiny_ckpt}"], device="cpu")
     app = create_app(models, api_key="test-key", playground=True, arena_dir=arena_dir,
-                     diffusion={"shapes": tiny_diffusion})  # fmt: skip
+                     diffusion={"shapes": tiny_diffusion}, vision={"scenes": tiny_vlm})  # fmt: skip
     srv = start_live(app)
     srv.arena_dir = arena_dir
     yield srv
@@ -285,6 +286,51 @@ def test_bradley_terry_and_elo_by_hand():
     top = board["players"][0]
     assert top["name"] == "A" and top["bt_ci"][0] <= top["bt"] <= top["bt_ci"][1]
     assert top["wins"] == 2 and top["ties"] == 1 and top["losses"] == 1
+
+
+# -- vision-language ------------------------------------------------------------------
+
+
+def png_data_url(size=(40, 30), color=(200, 30, 30)) -> tuple[str, bytes]:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), buf.getvalue()
+
+
+def test_vision_answers_as_the_model_does(client, tiny_vlm):
+    from glassbox.vision.scenes import load_image
+    from glassbox.vision.vlm import IMAGE_MARKER, answer
+
+    url, raw = png_data_url()
+    body = {"run": "scenes", "question": "How many shapes?", "image": url, "max_tokens": 8}
+    r = client.post("/v1/glassbox/vision", json=body).json()
+    pixels = [load_image(raw, 16)]
+    msgs = [{"role": "user", "content": f"{IMAGE_MARKER}\nHow many shapes?"}]
+    assert r["answer"] == answer(tiny_vlm.model, tiny_vlm.tokenizer, msgs, pixels, 8)
+    assert r["image_tokens"] == 5 and r["image_size"] == 16
+    blind = client.post("/v1/glassbox/vision", json={**body, "image": None}).json()
+    assert blind["image_tokens"] == 0 and blind["prompt_tokens"] < r["prompt_tokens"]
+    info = client.get("/v1/glassbox/info").json()
+    assert info["vision"] == [{"id": "scenes", "image_size": 16}]
+
+
+def test_vision_errors_name_the_param(client):
+    url, _ = png_data_url()
+    not_png = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    for body, param in [
+        ({"image": "http://example.com/x.png"}, "image"),
+        ({"image": "data:image/png;base64,@@@"}, "image"),
+        ({"image": not_png}, "image"),
+        ({"image": url, "question": " "}, "question"),
+        ({"image": None, "question": "<image>\nwhat?"}, "question"),
+        ({"image": url, "max_tokens": 0}, "max_tokens"),
+        ({"image": url, "run": "nope"}, "run"),
+    ]:
+        r = client.post("/v1/glassbox/vision", json={"run": "scenes", "question": "what?", **body})
+        assert r.status_code in (400, 404), body
+        assert r.json()["error"]["param"] == param, (body, r.json())
 
 
 # -- diffusion ------------------------------------------------------------------------

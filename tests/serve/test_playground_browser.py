@@ -36,13 +36,13 @@ def shot(page, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_ckpt, tmp_path_factory, start_live, tiny_diffusion):
+def server(tiny_ckpt, tmp_path_factory, start_live, tiny_diffusion, tiny_vlm):
     from glassbox.serve.app import create_app, load_served_models
 
     arena_dir = tmp_path_factory.mktemp("arena")
     models = load_served_models([f"tiny={tiny_ckpt}", f"tiny2={tiny_ckpt}"], device="cpu")
     app = create_app(models, api_key=KEY, playground=True, arena_dir=arena_dir,
-                     diffusion={"shapes": tiny_diffusion})  # fmt: skip
+                     diffusion={"shapes": tiny_diffusion}, vision={"scenes": tiny_vlm})  # fmt: skip
     srv = start_live(app)
     srv.arena_dir = arena_dir
     yield srv
@@ -270,3 +270,17 @@ def test_readable_at_200_percent_zoom(browser, server):
     expect(pg.locator("#panel-explorer")).to_be_visible()
     shot(pg, "zoom200")
     context.close()
+
+
+def test_images_ask_a_vision_language_model(page, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (20, 160, 40)).save(tmp_path / "green.png")
+    page.click("#tab-images")
+    expect(page.locator("#vlm-ui")).to_be_visible()
+    page.set_input_files("#vlm-file", str(tmp_path / "green.png"))
+    expect(page.locator("#vlm-preview")).to_be_visible()
+    page.fill("#vlm-question", "What colour is it?")
+    page.click("#vlm-ask")
+    expect(page.locator("#vlm-meta")).to_contain_text("5 of them the image", timeout=30_000)
+    shot(page, "vision")

@@ -41,14 +41,15 @@ def create_app(
     playground: bool = False,
     arena_dir: str | Path = "runs/arena",
     diffusion: dict | None = None,
+    vision: dict | None = None,
 ) -> FastAPI:
     """Build the FastAPI app serving ``models`` (name -> ServedModel).
 
     ``api_key`` None serves without a key, to loopback Hosts only (plus
     ``allowed_hosts``); an empty key is refused rather than read as "no key".
     ``playground`` adds the page at ``/`` and its API under /v1/glassbox/ (arena votes
-    go to ``arena_dir``; ``diffusion`` maps names to DiffusionPipelines for its Images
-    view; docs/playground.md).
+    go to ``arena_dir``; ``diffusion`` maps names to DiffusionPipelines and ``vision`` to
+    vision-language runs for its Images view; docs/playground.md).
     """
     if not models:
         raise GlassboxError("No models to serve.")
@@ -82,12 +83,14 @@ def create_app(
     open_paths: frozenset[str] = frozenset()
     if playground:
         from glassbox.serve.endpoints import playground as playground_api
-        from glassbox.serve.endpoints import playground_diffusion
+        from glassbox.serve.endpoints import playground_diffusion, playground_vision
         from glassbox.serve.playground_page import page_router
 
-        app.state.playground = playground_api.PlaygroundConfig(Path(arena_dir), diffusion or {})
-        app.include_router(playground_api.router)
-        app.include_router(playground_diffusion.router)
+        app.state.playground = playground_api.PlaygroundConfig(
+            Path(arena_dir), diffusion or {}, vision or {}
+        )
+        for router in (playground_api, playground_diffusion, playground_vision):
+            app.include_router(router.router)
         page, open_paths = page_router()
         app.include_router(page)
     # Added first = innermost: the guard runs inside CORS, so its 401/403/413 answers

@@ -81,6 +81,10 @@ def serve(
         list[str] | None,
         typer.Option(help="Diffusion run for the playground's Images view (PATH or NAME=PATH)."),
     ] = None,
+    vlm: Annotated[
+        list[str] | None,
+        typer.Option(help="Vision-language run (`glassbox vlm train`) for the playground."),
+    ] = None,
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM, seconds to let running requests finish.")
     ] = 30.0,
@@ -116,15 +120,20 @@ def serve(
     models = load_served_models(
         checkpoints, device, max_seqs, max_queue, dtype, max_batched_tokens, compile
     )
-    runs = None
+    runs, vision = None, None
+    if (diffusion or vlm) and not playground:
+        raise GlassboxError("--diffusion and --vlm serve runs to the playground; add --playground.")
     if diffusion:
-        if not playground:
-            raise GlassboxError("--diffusion serves a run to the playground; add --playground.")
         from glassbox.serve.endpoints.playground_diffusion import load_diffusion_runs
 
         runs = load_diffusion_runs(diffusion, device)
+    if vlm:
+        from glassbox.serve.endpoints.playground_vision import load_vision_runs
+
+        vision = load_vision_runs(vlm, device)
     app = create_app(models, api_key, cors_origin, max_body_bytes, limits, allowed_host,
-                     playground=playground, arena_dir=arena_dir, diffusion=runs)  # fmt: skip
+                     playground=playground, arena_dir=arena_dir, diffusion=runs,
+                     vision=vision)  # fmt: skip
     names = ", ".join(models)
     if api_key is None and not is_loopback(host):
         typer.echo(f"WARNING: serving on {host} WITHOUT an API key.", err=True)

@@ -9,6 +9,7 @@
     GET  /v1/glassbox/arena/votes    the votes file (preferences or ties) as JSONL
     GET  /v1/glassbox/info           what the page needs to draw itself
     POST /v1/glassbox/diffusion      denoising trajectory (playground_diffusion.py)
+    POST /v1/glassbox/vision         a question about an image (playground_vision.py)
 
 Registered only with ``glassbox serve --playground``; the page itself is served by
 serve/playground_page.py. Model work runs off the event loop, so streams keep flowing.
@@ -71,6 +72,7 @@ class PlaygroundConfig:
 
     arena_dir: Path
     diffusion: dict = field(default_factory=dict)  # name -> DiffusionPipeline
+    vision: dict = field(default_factory=dict)  # name -> playground_vision.VisionRun
     logits: LogitsCache = field(default_factory=LogitsCache)
 
 
@@ -201,6 +203,7 @@ async def info(request: Request) -> dict:
     return {
         "models": models,
         "diffusion": [{"id": n, "condition": describe(p)} for n, p in pg.diffusion.items()],
+        "vision": [{"id": n, "image_size": r.image_size} for n, r in pg.vision.items()],
         "arena_dir": str(pg.arena_dir),
         "limits": {"max_top_n": MAX_TOP_N, "max_attention_tokens": MAX_ATTENTION_TOKENS},
     }

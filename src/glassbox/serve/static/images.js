@@ -60,9 +60,7 @@ export function initImages() {
     $("img-ui").hidden = runs.length === 0;
     $("img-none").textContent = runs.length ? "" :
       "No diffusion run is served. Start the server with --diffusion runs/NAME (a run from " +
-      "`glassbox diffusion train`) to watch noise turn into an image here. Vision-language " +
-      "questions about an uploaded image need a multimodal model, which Glassbox does not " +
-      "have yet.";
+      "`glassbox diffuse train`) to watch noise turn into an image here.";
     $("img-run").replaceChildren(...runs.map((r) => new Option(`${r.id} (${r.condition})`, r.id)));
     setPromptHint();
   });

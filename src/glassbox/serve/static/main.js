@@ -5,6 +5,7 @@ import { initAttention } from "./attention.js";
 import { initChat } from "./chat.js";
 import { initExplorer } from "./explorer.js";
 import { initImages } from "./images.js";
+import { initVision } from "./vision.js";
 
 async function loadInfo() {
   const data = await api("v1/glassbox/info");
@@ -65,6 +66,7 @@ initChat();
 initExplorer();
 initAttention();
 initImages();
+initVision();
 initArena();
 loadInfo().catch((e) => {
   $("status").textContent = "Not connected.";
