@@ -417,3 +417,11 @@ def test_cli_serves_the_playground(tiny_ckpt, tmp_path, free_port_number, wait_u
                          timeout=120)  # fmt: skip
     assert bad.returncode != 0 and "add --playground" in bad.stderr + bad.stdout
     assert "Traceback" not in bad.stderr
+
+
+def test_vlm_flag_refuses_a_language_model(tiny_ckpt):
+    from glassbox.errors import GlassboxError
+    from glassbox.serve.endpoints.playground_vision import load_vision_runs
+
+    with pytest.raises(GlassboxError, match="not a vision-language model"):
+        load_vision_runs([str(tiny_ckpt)], "cpu")

@@ -10,6 +10,7 @@ function showFrame(i) {
   if (!f) return;
   $("img-xt").src = f.x_t;
   $("img-x0").src = f.x0;
+  $("img-xt").hidden = $("img-x0").hidden = false;
   $("img-frame").value = i;
   $("img-frame-out").textContent = f.t < 0 ? "final image" : `step ${i + 1} of ${frames.length - 1}, t=${f.t}`;
 }
