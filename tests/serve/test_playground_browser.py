@@ -149,6 +149,24 @@ def test_chat_renders_structured_output(page):
     expect(page.locator("#banner")).to_contain_text("not valid JSON")
 
 
+def test_chat_stop_cancels_the_generation(page, server, wait_until):
+    engine = server.app.state.models["tiny"].engine
+    step = engine.engine.step
+    engine.engine.step = lambda: (time.sleep(0.2), step())[1]
+    try:
+        page.fill("#chat-max_tokens", "60")
+        page.fill("#chat-logit-bias", ", ".join(f"{i}:-100" for i in range(6)))  # no end token
+        page.fill("#chat-input", "hello")
+        page.click("#chat-send")
+        expect(page.locator("#chat-log .msg.assistant .content")).not_to_have_text("")
+        page.click("#chat-stop")
+        expect(page.locator("#chat-send")).to_be_enabled()
+        # The server saw the disconnect and freed the sequence long before 60 tokens.
+        assert wait_until(lambda: engine.num_running == 0 and engine.num_waiting == 0, 5)
+    finally:
+        del engine.engine.step
+
+
 def test_temperature_slider_changes_distribution(page, server):
     page.click("#tab-explorer")
     rows = page.locator("#ex-table tbody tr")
@@ -233,6 +251,10 @@ def test_arena_vote_lands_and_changes_leaderboard(page, server):
     expect(board).to_have_attribute("data-games", str(before + 1))
     expect(page.locator("#ar-votes")).to_have_text(str(before + 1))
     shot(page, "arena")
+    with page.expect_download() as download:
+        page.click("#ar-export")
+    assert Path(download.value.path()).read_text() == prefs.read_text()
+    assert download.value.suggested_filename == "votes.jsonl"
 
 
 def test_images_play_the_denoising_trajectory(page):
