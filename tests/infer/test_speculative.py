@@ -138,6 +138,7 @@ def test_sampling_matches_the_target_distribution(proposer):
 
 def test_lookup_proposals():
     assert lookup_proposals([5, 6, 7, 8, 5, 6], 2, 3) == [7, 8, 5]
+    assert lookup_proposals([4, 4, 4, 4, 4], 2, 3) == [4, 4, 4]  # not the 1-token tail
     assert lookup_proposals([5, 6, 7, 9, 6], 2, 2) == [7, 9]  # falls back to 1-grams
     assert lookup_proposals([1, 2, 3], 3, 4) == []
 

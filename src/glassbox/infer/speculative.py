@@ -165,15 +165,21 @@ def accept_tokens(
 
 
 def lookup_proposals(ctx: list[int], max_ngram: int, k: int) -> list[int]:
-    """Prompt lookup: find the latest earlier occurrence of the context's last n tokens
-    (n from ``max_ngram`` down to 1) and propose up to k tokens that followed it."""
+    """Prompt lookup: find earlier occurrences of the context's last n tokens (n from
+    ``max_ngram`` down to 1) and propose up to k tokens that followed one: the latest
+    occurrence with k tokens after it, else the one with the most (an occurrence just
+    before the end, as in a run of repeats, leaves only a few)."""
     for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
-        tail = ctx[-n:]
+        tail, best = ctx[-n:], []
         for start in range(len(ctx) - n - 1, -1, -1):
             if ctx[start : start + n] == tail:
                 follow = ctx[start + n : start + n + k]
-                if follow:
-                    return follow
+                if len(follow) > len(best):
+                    best = follow
+                if len(best) == k:
+                    break
+        if best:
+            return best
     return []
 
 
