@@ -42,15 +42,19 @@ from glassbox.vision.train import (  # noqa: E402
 from glassbox.vision.vlm import answer, evaluate_qa, image_messages  # noqa: E402
 
 
-def train_or_reuse(out: Path, fn, cfg) -> float:
-    """Train into ``out`` unless it already holds a model; returns training minutes."""
+def train_or_reuse(out: Path, fn, cfg) -> dict:
+    """Train into ``out`` unless it already holds a model; returns the last metrics row
+    with the training's wall and CPU minutes (this process, all threads)."""
     if (out / "model.safetensors").is_file():
         print(f"reusing {out}")
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
-        return rows[-1]["elapsed_s"] / 60 if rows else float("nan")
-    t = time.perf_counter()
-    fn(cfg)
-    return (time.perf_counter() - t) / 60
+        return rows[-1] if rows else {}
+    t, c = time.perf_counter(), time.process_time()
+    last = fn(cfg)
+    wall, cpu = (time.perf_counter() - t) / 60, (time.process_time() - c) / 60
+    last = {**last, "wall_minutes": wall, "cpu_minutes": cpu}
+    (out / "bench_train.json").write_text(json.dumps(last, indent=2) + "\n")
+    return last
 
 
 def clip_quality(run: Path, n: int, png: Path) -> dict:
@@ -105,6 +109,11 @@ def speed(clip_run: Path, vlm_run: Path) -> dict:
     }
 
 
+def _budget(row: dict) -> str:
+    wall, cpu = row.get("wall_minutes", float("nan")), row.get("cpu_minutes", float("nan"))
+    return f"{row.get('step')} steps, {wall:.1f} min wall, {cpu:.1f} CPU-min"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lm", default="/work/bench/world-sft", help="chat model for the VLM")
@@ -124,12 +133,12 @@ def main() -> None:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     clip_run, vlm_run = out / "clip", out / "vlm"
-    clip_min = train_or_reuse(clip_run, train_clip, ClipTrainConfig(
+    clip_row = train_or_reuse(clip_run, train_clip, ClipTrainConfig(
         out=str(clip_run), max_steps=args.clip_steps, max_minutes=args.clip_minutes,
         num_images=args.num_images,
     ))  # fmt: skip
     q = clip_quality(clip_run, args.eval_scenes, Path(args.png))
-    vlm_min = train_or_reuse(vlm_run, train_vlm, VLMTrainConfig(
+    vlm_row = train_or_reuse(vlm_run, train_vlm, VLMTrainConfig(
         base=args.lm, vision=str(clip_run), out=str(vlm_run), max_steps=args.vlm_steps,
         max_minutes=args.vlm_minutes, num_images=args.num_images,
     ))  # fmt: skip
@@ -140,12 +149,12 @@ def main() -> None:
     combos = make_scenes(args.eval_scenes, "combos")
     seen_combos = evaluate_qa(loaded.model, loaded.tokenizer, combos, args.qa_limit)
     s = speed(clip_run, vlm_run)
-    result = {"clip": q, "clip_train_minutes": clip_min, "vlm_train_minutes": vlm_min,
+    result = {"clip": q, "clip_train": clip_row, "vlm_train": vlm_row,
               "qa_image": seen, "qa_no_image": blind, "qa_image_combos": seen_combos,
               "speed": s}  # fmt: skip
     (out / "multimodal.json").write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"\ncontrastive: trained {clip_min:.1f} min")
+    print(f"\ncontrastive: {_budget(clip_row)}")
     print("| split | shape | colour | size | position | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for split, r in q.items():
@@ -154,7 +163,7 @@ def main() -> None:
                  r["i2t_recall@5"], r["t2i_recall@1"], r["t2i_recall@5"]]  # fmt: skip
         print(f"| {split} (single-object n={z['n_single']}) | "
               + " | ".join(f"{c:.3f}" for c in cells) + " |")  # fmt: skip
-    print(f"\nVLM: trained {vlm_min:.1f} min; greedy exact match, <= {args.qa_limit} per type")
+    print(f"\nVLM: {_budget(vlm_row)}; greedy exact match, <= {args.qa_limit} per type")
     print("| question type | with image | no image (same model) | with image, held-out pairs |")
     print("|---|---:|---:|---:|")
     for kind in seen:

@@ -223,9 +223,11 @@ class VLMTrainConfig(FinetuneConfig):
     """Training scenes rendered for builtin:scenes (held out: a tenth as many)."""
     freeze_vision: bool = False
     """Keep the image encoder's weights fixed (train the projector and the LM only)."""
+    pool: int = 2
+    """Image patches average-pooled pool x pool into one image token (1 = every patch)."""
     no_image_fraction: float = 0.1
     """Share of examples asked without their image (the no-image baseline's training)."""
-    lr: float = 5e-4
+    lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     batch_size: int = 32
     """Questions per micro-batch."""
@@ -307,7 +309,7 @@ def train_vlm(cfg: VLMTrainConfig, explicit: set[str] | None = None) -> dict[str
     held = load_scenes(cfg.data, "heldout", cfg.num_images)
     if not any(train.qa):
         raise GlassboxError(f"{cfg.data} has no questions: add a qa.jsonl to the folder.")
-    model = VisionLanguageModel(lm, vision_cfg).to(device)
+    model = VisionLanguageModel(lm, vision_cfg, cfg.pool).to(device)
     model.vision.load_state_dict(vision.state_dict())
     model.vision.requires_grad_(not cfg.freeze_vision)
     model.train()
@@ -343,7 +345,7 @@ def train_vlm(cfg: VLMTrainConfig, explicit: set[str] | None = None) -> dict[str
         return {f"qa_{k}": v for k, v in acc.items()}
 
     def save(step: int) -> None:
-        record = vlm_record(model.lm.cfg, vision_cfg, {"vision": cfg.vision, "data": cfg.data})
+        record = vlm_record(model, {"vision": cfg.vision, "data": cfg.data})
         save_stage(run, step, model.lm, tok, optimizers, gen, weights=vlm_state(model),
                    record=record)  # fmt: skip
 

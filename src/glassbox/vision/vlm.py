@@ -1,10 +1,11 @@
 """A vision-language model: the contrastive run's image encoder, a projector, and a
 chat language model that reads the image as tokens (LLaVA / nanoVLM layout).
 
-    image (3, 48, 48) -> ViT (from `glassbox clip train`) -> [CLS] + 36 patch states
-        -> projector MLP (vision_dim -> d_model -> d_model) -> 37 image vectors
+    image (3, 48, 48) -> ViT (from `glassbox clip train`) -> [CLS] + 6x6 patch states
+        -> patches average-pooled 2x2 -> [CLS] + 3x3 cells
+        -> projector MLP (vision_dim -> d_model -> d_model) -> 10 image vectors
     "<image>\\nHow many red shapes are there?" -> chat template -> token ids
-        -> the ids of the marker text "<image>" are replaced by 37 slots, and the
+        -> the ids of the marker text "<image>" are replaced by 10 slots, and the
            language model's input vectors at those slots are the image vectors
         -> Transformer (embeds=...) -> next-token logits -> the answer
 
@@ -33,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from glassbox.checkpoint import Loaded, load_tensors, register_loader
-from glassbox.config import ModelConfig
 from glassbox.conversation import encode_conversation, encode_prompt
 from glassbox.errors import GlassboxError
 from glassbox.model import KVCache, Transformer, read_config_and_tokenizer
@@ -45,10 +45,15 @@ IMAGE_MARKER = "<image>"
 class VisionLanguageModel(nn.Module):
     """``vision`` (a ViT) -> ``projector`` -> image vectors spliced into ``lm``'s input."""
 
-    def __init__(self, lm: Transformer, vision_cfg: ClipConfig):
+    def __init__(self, lm: Transformer, vision_cfg: ClipConfig, pool: int = 2):
         super().__init__()
+        if vision_cfg.grid % pool:
+            raise GlassboxError(
+                f"--pool {pool} must divide the ViT's {vision_cfg.grid}x{vision_cfg.grid} grid."
+            )
         self.lm = lm
         self.vision_cfg = vision_cfg
+        self.pool = pool
         self.vision = ViT(vision_cfg)
         d = lm.cfg.d_model
         self.projector = nn.Sequential(
@@ -57,12 +62,18 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def image_tokens(self) -> int:
-        """Vectors per image: [CLS] plus one per patch."""
-        return 1 + self.vision_cfg.grid**2
+        """Vectors per image: [CLS] plus one per pooled cell of patches."""
+        return 1 + (self.vision_cfg.grid // self.pool) ** 2
 
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, image_tokens, d_model)."""
-        return self.projector(self.vision(x))
+        """(B, 3, H, W) in [-1, 1] -> (B, image_tokens, d_model): [CLS], then the patch
+        states average-pooled ``pool`` x ``pool`` (6x6 patches -> 3x3 cells: on scenes,
+        one cell per grid cell of the layout), row-major."""
+        h = self.vision(x)  # (B, 1 + g*g, dv)
+        B, g = h.shape[0], self.vision_cfg.grid
+        grid = h[:, 1:].transpose(1, 2).reshape(B, -1, g, g)  # (B, dv, g, g)
+        cells = F.avg_pool2d(grid, self.pool).flatten(2).transpose(1, 2)  # (B, (g/p)^2, dv)
+        return self.projector(torch.cat([h[:, :1], cells], dim=1))
 
     def input_embeds(
         self,
@@ -289,12 +300,13 @@ def load_vlm_state(model: VisionLanguageModel, state: dict[str, torch.Tensor], w
         )
 
 
-def vlm_record(lm_cfg: ModelConfig, vision_cfg: ClipConfig, extra: dict | None = None) -> dict:
+def vlm_record(model: VisionLanguageModel, extra: dict | None = None) -> dict:
     from glassbox import __version__
 
-    vis = asdict(vision_cfg) | {"vocab": list(vision_cfg.vocab)}
+    vis = asdict(model.vision_cfg) | {"vocab": list(model.vision_cfg.vocab)}
     head = {"architecture": "vlm", "stage": "vlm", "glassbox_version": __version__}
-    return head | {"model": lm_cfg.to_dict(), "clip": vis} | (extra or {})
+    shape = {"model": model.lm.cfg.to_dict(), "clip": vis, "pool": model.pool}
+    return head | shape | (extra or {})
 
 
 @register_loader("vlm")
@@ -304,7 +316,7 @@ def _load_vlm(path: Path, record: dict, device: torch.device) -> Loaded:
     cfg, tokenizer = read_config_and_tokenizer(path, record)
     vision_cfg = clip_config_from_record(record, path)
     with torch.device(device):
-        model = VisionLanguageModel(Transformer(cfg), vision_cfg)
+        model = VisionLanguageModel(Transformer(cfg), vision_cfg, int(record.get("pool", 2)))
     state = load_tensors(path / "model.safetensors", device=device)
     load_vlm_state(model, state, path / "model.safetensors")
     return Loaded(model.eval(), tokenizer, record, "vlm")
