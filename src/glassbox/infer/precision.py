@@ -163,6 +163,9 @@ def _cache_path(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir) if cache_dir else cache_root()
 
 
+_BUSY_MEMO: dict[str, dict] = {}
+
+
 def busy() -> str | None:
     """Why timings taken now would mislead (other work sharing the CPUs), or None."""
     with contextlib.suppress(OSError, AttributeError):
@@ -190,11 +193,12 @@ def cached_timings(kind: str, shapes: dict, cache_dir, measure: Callable[[], dic
             table = {}
     except (OSError, ValueError):
         table = {}
-    hit = table.get(key)
+    hit = table.get(key) or _BUSY_MEMO.get(key)
     if isinstance(hit, dict) and isinstance(hit.get("timings"), dict):
         return hit["timings"]
     timings = measure()
-    if busy() is not None:
+    if busy() is not None:  # kept for this process only, so its decisions agree
+        _BUSY_MEMO[key] = {"timings": timings}
         return timings
     table[key] = {"timings": timings, "key": key_obj, "measured_at": int(time.time())}
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-measurement

@@ -84,7 +84,7 @@ class PretrainConfig:
     max_steps: int = 600
     """Optimizer steps; the schedule follows this or --max-minutes, whichever ends first."""
     max_minutes: float | None = None
-    """Training-time budget in minutes (evaluation and checkpoints excluded)."""
+    """Training-time budget in minutes (setup, evaluation and checkpoints excluded)."""
     log_interval: int = 10
     """Steps between metrics rows."""
     eval_interval: int = 100
@@ -134,6 +134,22 @@ class PretrainConfig:
         check_name(self.precision, TRAIN_CHOICES, "--precision")
         if self.strategy not in dist_.STRATEGIES:
             raise GlassboxError(f"--strategy={self.strategy!r}; choose ddp or fsdp.")
+
+
+def training_precision(run: Run, model, seq_len: int, device) -> str:
+    """bf16 autocast or fp32, measured (see choose_train_precision) and the same on every
+    process; a resumed ``auto`` run keeps its snapshot's choice, so it continues exactly."""
+    cfg, d = run.cfg, run.d
+    log = print if d.main else None
+    saved = run.snapshot.state.get("precision") if run.snapshot is not None else None
+    if cfg.precision == "auto" and saved in ("fp32", "bf16"):
+        if log:
+            log(f"precision auto: {saved} (the resumed run's)")
+        return saved
+    name = choose_train_precision(
+        model, cfg.batch_size * seq_len, device, cfg.precision, cfg.cache_dir, log=log
+    ).name
+    return "bf16" if dist_.rank0_value(float(name == "bf16"), d) else "fp32"
 
 
 def sharded(run: Run) -> bool:
@@ -195,7 +211,7 @@ def shared_tokenizer(run: Run, docs) -> Tokenizer:
 # --------------------------------------------------------------------------------------
 
 
-def save_snapshot(run: Run, model, tokenizer, optimizers, gen, step, tokens_seen):
+def save_snapshot(run: Run, model, tokenizer, optimizers, gen, step, tokens_seen, precision):
     """Gather weights, optimizer and RNG state (collective) and write one snapshot.
 
     ``model`` is the module itself (under FSDP2 the sharded one: fully_shard works in
@@ -222,7 +238,8 @@ def save_snapshot(run: Run, model, tokenizer, optimizers, gen, step, tokens_seen
         trainer[f"optimizer{i}"], meta = ckpt.optimizer_state_to_tensors(sd)
         metas.append(meta)
     trainer["rng"] = {"data_rng": rng_all, "torch_rng": torch.get_rng_state()}
-    run.save(step, files, trainer, {"tokens_seen": tokens_seen, "optimizers": metas})
+    state = {"tokens_seen": tokens_seen, "optimizers": metas, "precision": precision}
+    run.save(step, files, trainer, state)
 
 
 def restore_snapshot(run: Run, model, optimizers, gen) -> tuple[int, int]:
@@ -289,11 +306,7 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
     step, tokens_seen = 0, 0
     if run.snapshot is not None:
         step, tokens_seen = restore_snapshot(run, model, optimizers, gen)
-    precision = choose_train_precision(
-        model, cfg.batch_size * seq_len, device, cfg.precision, cfg.cache_dir,
-        log=print if d.main else None,
-    ).name  # fmt: skip
-    precision = "bf16" if dist_.rank0_value(float(precision == "bf16"), d) else "fp32"
+    precision = training_precision(run, model, seq_len, device)
     if cfg.compile:
         train_model = torch.compile(train_model)
     # Under FSDP2 every forward is a collective: all ranks evaluate and sample together.
@@ -310,7 +323,8 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
         )
 
     last: dict = {}
-    clock = run.clock  # training time: evaluation, samples and snapshots excluded
+    clock = run.clock  # training time: setup, evaluation, samples and snapshots excluded
+    clock.start()
     elapsed_log, tok_log, loss_sum, loss_n = clock.elapsed(), 0, 0.0, 0
     with progress_bar() as bar:
         task = bar.add_task("pretrain", total=cfg.max_steps, completed=step, info="")
@@ -387,7 +401,9 @@ def pretrain(cfg: PretrainConfig, explicit: set[str] | None = None) -> dict:
                 )
             if step % cfg.checkpoint_interval == 0 or done:
                 with clock.paused():
-                    save_snapshot(run, model, tokenizer, optimizers, gen, step, tokens_seen)
+                    save_snapshot(
+                        run, model, tokenizer, optimizers, gen, step, tokens_seen, precision
+                    )
                     run.plot()
     dist_.barrier(d)
     return last
