@@ -55,3 +55,23 @@ def test_too_many_images():
     with pytest.raises(APIError, match="3 images; this server allows at most 2") as e:
         request_images(_msgs(url, url, url), ImageLimits(max_images=2))
     assert e.value.param == "messages"
+
+
+def test_chat_prompt_vectors_carry_the_image(vlm_run):
+    import torch
+
+    from glassbox import checkpoint as ckpt
+    from glassbox.vision.api import chat_prompt
+
+    loaded = ckpt.load_checkpoint(vlm_run)
+    model, tok = loaded.model, loaded.tokenizer
+    red, blue = Image.new("RGB", (48, 48), (230, 40, 40)), Image.new("RGB", (48, 48), (50, 90, 240))
+    ids_r, emb_r = chat_prompt(model, tok, _msgs(_url(red)), ImageLimits())
+    ids_b, emb_b = chat_prompt(model, tok, _msgs(_url(blue)), ImageLimits())
+    assert ids_r == ids_b and emb_r.shape == (len(ids_r), model.lm.cfg.d_model)
+    text = torch.tensor([ids_r])
+    same = (emb_r == model.lm.embed(text)[0]).all(-1)  # (T,) rows equal to token embeddings
+    assert int((~same).sum()) == model.image_tokens  # exactly the image slots differ
+    assert not torch.equal(emb_r, emb_b)
+    ids, emb = chat_prompt(model, tok, [{"role": "user", "content": "Hi"}], ImageLimits())
+    assert emb is None and ids

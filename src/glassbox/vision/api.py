@@ -92,3 +92,27 @@ def request_images(
         except GlassboxError as e:
             raise APIError(400, str(e), param=param) from e
     return flat, images
+
+
+@torch.no_grad()
+def chat_prompt(
+    model, tok, messages: list[dict], limits: ImageLimits
+) -> tuple[list[int], torch.Tensor | None]:
+    """A chat request for a VLM as (prompt ids, input vectors (T, C) or None): image parts
+    decoded and checked, the prompt rendered with ``<image>`` markers and spliced, the
+    image vectors written at their slots. What an engine prefill with per-position input
+    vectors consumes (None: a text-only prompt, plain ids)."""
+    from glassbox.vision.vlm import prompt_ids
+
+    flat, images = request_images(messages, limits, model.vision_cfg.image_size)
+    try:
+        ids, starts = prompt_ids(tok, flat, len(images), model.image_tokens)
+    except GlassboxError as e:
+        raise APIError(400, str(e), param="messages") from e
+    if not images:
+        return ids, None
+    device = next(model.parameters()).device
+    x = torch.stack(images).float().to(device) / 127.5 - 1
+    slots = torch.tensor([[0, s] for s in starts], device=device)
+    embeds = model.input_embeds(torch.tensor([ids], device=device), x, slots)[0]  # (T, C)
+    return ids, embeds

@@ -69,6 +69,7 @@ class ClipConfig:
     embed_dim: int = 64
     vocab: tuple[str, ...] = ()
     stem: str = "conv"  # conv (two stride-2 3x3 convolutions, then patches) or patch
+    pool: str = "cls"  # the image vector: the [CLS] state, or the mean of all states
 
     def validate(self) -> None:
         if self.stem not in ("conv", "patch"):
@@ -148,7 +149,9 @@ class ClipModel(nn.Module):
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> unit vectors (B, E)."""
-        return F.normalize(self.image_proj(self.vision(x)[:, 0]), dim=-1)
+        h = self.vision(x)  # (B, 1 + N, dim)
+        h = h[:, 0] if self.config.pool == "cls" else h.mean(1)
+        return F.normalize(self.image_proj(h), dim=-1)
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Right-padded word ids (B, L) -> unit vectors (B, E), read at the last word."""

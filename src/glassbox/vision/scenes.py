@@ -50,6 +50,12 @@ SIZE_FRACTION = {"small": (0.16, 0.19), "large": (0.26, 0.28)}  # diameter / can
 NUMBERS = ["no", "one", "two", "three", "four"]
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 SPLIT_SEEDS = {"train": 0, "heldout": 1, "combos": 2}
+FULL_CAPTION_P = 0.4
+"""Share of captions naming every attribute; the others name a random subset."""
+CAPTION_ATTRIBUTE_P = {"shape": 0.75, "colour": 0.5, "size": 0.5, "position": 0.5}
+"""How often a partial caption names each attribute. Shape is named more often: colour
+and position are learned from few examples, shape (edges inside a patch) needs the most
+contrast (docs/multimodal.md)."""
 MAX_IMAGE_PIXELS = 4096 * 4096
 """Largest image (width x height) a user folder or a request may hold."""
 IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "YCbCr")
@@ -159,12 +165,10 @@ def sample_caption(scene: Scene, rng: random.Random) -> tuple[str, tuple]:
     """A caption naming a random subset of attributes, and the key of what it fixes
     (two scenes fit the caption exactly when their ``key``s for those attributes match)."""
     names = ["shape", "colour", "size"] + (["position"] if len(scene.objects) == 1 else [])
-    if rng.random() < 0.4:
+    if rng.random() < FULL_CAPTION_P:
         attrs = names
     else:
-        # Shape is named more often: colour and position are learned from few examples,
-        # shape (edges inside a patch) needs the most contrast (measured: docs/multimodal.md).
-        attrs = [a for a in names if rng.random() < (0.75 if a == "shape" else 0.5)]
+        attrs = [a for a in names if rng.random() < CAPTION_ATTRIBUTE_P[a]]
     n = len(scene.objects)
     if not attrs:
         text = "a shape" if n == 1 else f"{NUMBERS[n]} shapes"

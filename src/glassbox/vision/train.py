@@ -46,6 +46,8 @@ class ClipTrainConfig:
     """ViT patch size in pixels (48x48 images: 8 gives 6x6 = 36 patches)."""
     stem: str = "conv"
     """ViT patch embedding: conv (a small convolutional stem, then patches) or patch."""
+    pool: str = "cls"
+    """The image's vector: cls (the [CLS] token's state) or mean (of every token's)."""
     vision_dim: int = 64
     """ViT width."""
     vision_layers: int = 3
@@ -137,7 +139,8 @@ def train_clip(cfg: ClipTrainConfig, explicit: set[str] | None = None) -> dict[s
         raise GlassboxError(f"{cfg.data} has no captions.jsonl: a contrastive run needs captions.")
     vocab = builtin_vocabulary() if train.scenes is not None else _folder_vocabulary(train)
     mcfg = ClipConfig(
-        patch=cfg.patch, stem=cfg.stem, vision_dim=cfg.vision_dim, vision_layers=cfg.vision_layers,
+        patch=cfg.patch, stem=cfg.stem, pool=cfg.pool, vision_dim=cfg.vision_dim,
+        vision_layers=cfg.vision_layers,
         text_dim=cfg.text_dim, text_layers=cfg.text_layers, embed_dim=cfg.embed_dim,
         vocab=tuple(vocab),
     )  # fmt: skip
