@@ -121,6 +121,17 @@ def test_auto_falls_back_to_fp32_when_every_candidate_fails(model, tok, tmp_path
     assert P.default_check(P.Probe("fp16", 16, 16, float("nan"), 1.0)) is not None
 
 
+def test_batched_engines_skip_a_half_precision_slow_at_their_batch(model, tok, tmp_path):
+    """fp16 fastest as a matrix-vector product but slower than fp32 at 16 rows (fp16 GEMM
+    without AVX-512 FP16): an engine with 16 slots takes bf16; batch 1 still fp16."""
+    fake_speeds(tmp_path, model)
+    shapes = P.linear_shapes(model)
+    P.cached_timings("decode-16", shapes, tmp_path, lambda: dict(fp32=1.0, bf16=0.7, fp16=1.6))
+    wide = P.choose_dtype(model, tok, cache_dir=tmp_path, log=None, batch=16)
+    assert wide.name == "bf16" and "fp16 not taken: slower than fp32 at 16 sequences" in wide.reason
+    assert P.choose_dtype(model, tok, cache_dir=tmp_path, log=None).name == "fp16"
+
+
 def test_auto_keeps_fp32_when_half_is_not_faster(model, tok, tmp_path):
     fake_speeds(tmp_path, model, fp32=1.0, bf16=5.0, fp16=0.95)  # fp16 < MIN_SPEEDUP
     choice = P.choose_dtype(model, tok, cache_dir=tmp_path, log=None)

@@ -231,9 +231,11 @@ def _copies(shapes: dict[str, int], budget_bytes: int = 32 << 20) -> dict[str, i
     return out
 
 
-def measure_matvec(shapes: dict[str, int], names: list[str], repeats: int = 5) -> dict:
-    """Seconds per decode step's worth of batch-1 matrix-vector products in each
-    precision: every shape timed over distinct weight copies, scaled by its count.
+def measure_matvec(
+    shapes: dict[str, int], names: list[str], repeats: int = 5, rows: int = 1
+) -> dict:
+    """Seconds per decode step's worth of matrix-vector products (``rows`` sequences
+    at once) in each precision: every shape timed over distinct weight copies, scaled by its count.
     The precisions are interleaved so a busy machine slows each alike, and each shape
     keeps its fastest repeat (interference only ever adds time)."""
     copies = _copies(shapes)
@@ -244,7 +246,7 @@ def measure_matvec(shapes: dict[str, int], names: list[str], repeats: int = 5) -
         buf = buf32 if name == "fp32" else buf32.to(DTYPES[name])
         for s in shapes:  # warm-up: kernels chosen, pages touched
             o, i = _parse(s)
-            F.linear(torch.ones(1, i, dtype=buf.dtype), buf[: o * i].view(o, i))
+            F.linear(torch.ones(rows, i, dtype=buf.dtype), buf[: o * i].view(o, i))
         del buf
     live = list(names)
     for _ in range(repeats):
@@ -253,7 +255,7 @@ def measure_matvec(shapes: dict[str, int], names: list[str], repeats: int = 5) -
             for s, k in copies.items():
                 o, i = _parse(s)
                 ws = buf[: k * o * i].view(k, o, i)
-                x = torch.ones(1, i, dtype=buf.dtype)
+                x = torch.ones(rows, i, dtype=buf.dtype)
                 t = time.perf_counter()
                 for j in range(k):
                     F.linear(x, ws[j])
@@ -344,6 +346,7 @@ def choose_dtype(
     cache_dir: str | Path | None = None,
     log: Callable[[str], object] | None = print,
     check: Callable[[Probe], str | None] = default_check,
+    batch: int = 1,
 ) -> PrecisionChoice:
     """Decide what ``model`` (fp32 weights) decodes in; the model is left unchanged.
 
@@ -351,7 +354,11 @@ def choose_dtype(
     at least MIN_SPEEDUP x faster than fp32 that pass ``check`` on the probe, else fp32.
     On CUDA: bf16 (fp16 without bf16 support) if it passes ``check``. An explicit name
     is used as given, with a warning when cached timings say it is slower than fp32.
-    ``log`` gets the one-line decision (None = silent).
+    ``batch`` > 1 (an engine decoding that many sequences together: a server's slots,
+    RL rollouts) also times the products at that many rows, and a half precision slower
+    than fp32 there is not taken (fp16 matmuls without AVX-512 FP16 can be fast as
+    matrix-vector products and slow as matrix-matrix ones). ``log`` gets the one-line
+    decision (None = silent).
     """
     requested = check_name(requested, CHOICES, "--dtype")
     dev = _device_of(model, device)
@@ -374,8 +381,18 @@ def choose_dtype(
             "decode", shapes, cache_dir, lambda: measure_matvec(shapes, list(DTYPES))
         )
         fast = [n for n in ("bf16", "fp16") if timings["fp32"] / timings[n] >= MIN_SPEEDUP]
+        slow_batched = []
+        if batch > 1 and fast:
+            wide = cached_timings(
+                f"decode-{batch}", shapes, cache_dir,
+                lambda: measure_matvec(shapes, list(DTYPES), rows=batch),
+            )  # fmt: skip
+            slow_batched = [n for n in fast if wide[n] > wide["fp32"]]
+            fast = [n for n in fast if n not in slow_batched]
         fast.sort(key=lambda n: timings[n])
         choice = _decide(model, tokenizer, fast, timings, check, "")
+        for n in slow_batched:
+            choice.reason += f"; {n} not taken: slower than fp32 at {batch} sequences"
     else:
         choice = PrecisionChoice("fp32", requested, f"{dev.type}: fp32 (not measured)")
     if log is not None:
@@ -423,9 +440,10 @@ def prepare_model(
     cache_dir: str | Path | None = None,
     log: Callable[[str], object] | None = print,
     check: Callable[[Probe], str | None] = default_check,
+    batch: int = 1,
 ) -> tuple[nn.Module, PrecisionChoice]:
     """Choose (see :func:`choose_dtype`) and cast: what the loaders call."""
-    choice = choose_dtype(model, tokenizer, requested, None, cache_dir, log, check)
+    choice = choose_dtype(model, tokenizer, requested, None, cache_dir, log, check, batch)
     return cast_model(model, choice), choice
 
 

@@ -97,17 +97,19 @@ def load_for_decoding(
     device: str = "auto",
     dtype: str = "auto",
     log: Callable[[str], object] | None = print,
+    batch: int = 1,
 ):
     """A checkpoint's model and tokenizer, cast to the precision ``dtype`` chooses
-    (``auto`` measures this machine, see glassbox.infer.precision); returns
-    (model, tokenizer, PrecisionChoice). What generate, chat and serve load with."""
+    (``auto`` measures this machine at batch 1 and at ``batch`` sequences, see
+    glassbox.infer.precision); returns (model, tokenizer, PrecisionChoice). What
+    generate, chat and serve load with."""
     from glassbox.checkpoint import load_model_dir
     from glassbox.device import resolve_device
     from glassbox.infer.precision import CHOICES, check_name, prepare_model
 
     check_name(dtype, CHOICES, "--dtype")  # a typo fails before the weights are read
     model, tok, _ = load_model_dir(path, resolve_device(device))
-    model, choice = prepare_model(model, tok, dtype, log=log)
+    model, choice = prepare_model(model, tok, dtype, log=log, batch=batch)
     return model, tok, choice
 
 
@@ -127,7 +129,9 @@ def load_served_models(
         name, path = parse_model_spec(spec)
         if name in models:
             raise GlassboxError(f"Two models are named {name!r}; use NAME=PATH to rename one.")
-        model, tok, _ = load_for_decoding(path, device, dtype, lambda s, n=name: print(f"{n}: {s}"))
+        model, tok, _ = load_for_decoding(
+            path, device, dtype, lambda s, n=name: print(f"{n}: {s}"), batch=max_seqs
+        )
         engine = Engine(
             model, tok, max_seqs=max_seqs, max_batched_tokens=max_batched_tokens, compile=compile
         )

@@ -266,7 +266,10 @@ def rollout_engine(model: torch.nn.Module, tokenizer, cfg: RolloutConfig) -> Eng
     copy whose weights :func:`sample_rollouts` re-syncs from the policy every batch."""
     from glassbox.infer.precision import cast_model, choose_dtype
 
-    choice = choose_dtype(model, tokenizer, cfg.rollout_dtype, log=lambda s: print("rollouts:", s))
+    choice = choose_dtype(
+        model, tokenizer, cfg.rollout_dtype, log=lambda s: print("rollouts:", s),
+        batch=cfg.max_seqs,
+    )  # fmt: skip
     if choice.name == "fp32":
         return Engine(model, tokenizer, max_seqs=cfg.max_seqs)
     half = cast_model(copy.deepcopy(model).eval().requires_grad_(False), choice)
