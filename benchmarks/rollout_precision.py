@@ -36,7 +36,7 @@ def main() -> None:
     print(describe(), flush=True)
     torch.manual_seed(0)
     policy = Transformer(ModelConfig.from_name(args.preset)).train()
-    auto = choose_dtype(policy, None, "auto")
+    auto = choose_dtype(policy, None, "auto", batch=64)  # as rollout_engine does
     names = ["fp32"] + [n for n in ("bf16", "fp16") if n != "fp32"]
     engines = {
         n: rollout_engine(policy, None, RolloutConfig(rollout_dtype=n, max_seqs=64)) for n in names
