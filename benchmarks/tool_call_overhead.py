@@ -5,8 +5,14 @@
    model (GPT-2-124M shape, random weights), same prompt (the tool definitions rendered
    into the chat template), batch 1, in the engine. Only decode steps are timed (the
    prefill step is excluded), so the figure is the per-token cost: forward pass +
-   sampling (+ the llguidance mask and token commit). Parallel calls let the constrained
-   run decode --new tokens, as the unconstrained one does.
+   sampling (+ the llguidance mask and token commit). The end tokens are biased away
+   (logit_bias -100) and parallel calls are allowed, so every run decodes exactly --new
+   tokens. The ``auto`` grammar (text that never writes the call tag, or calls) is
+   timed too: a random model writes text under it. On a shared machine the end-to-end
+   rates swing more than the grammar costs, so the grammar's own work is also timed
+   directly: each constrained output is replayed through a fresh matcher (mask fill,
+   unpack, token commit: what the engine adds per step) and compared with the
+   unconstrained time per token.
 2. Validity: --calls requests at different seeds with ``required`` and one call
    (the grammar ends the reply when the call closes); every call is parsed back and its
    arguments validated against the tool's schema with jsonschema. A reply cut at
@@ -69,6 +75,25 @@ def decode_rate(engine: Engine, req: GenerationRequest) -> tuple[float, list[int
     return (len(seq.output) - 1) / max(dt, 1e-9), seq.output
 
 
+def grammar_ms_per_token(grammar, engine: Engine, req: GenerationRequest) -> float:
+    """Median ms of the grammar's work per token over a decoded output, replayed: fill
+    the bitmask, unpack it to a vocabulary mask, commit the token."""
+    from glassbox.infer.structured import bitmask_words, unpack_bitmask_np
+
+    _, out = decode_rate(engine, req)
+    times = []
+    for _ in range(5):
+        m = grammar.matcher()
+        row = torch.zeros(1, bitmask_words(grammar.vocab_size), dtype=torch.int32)
+        t = time.perf_counter()
+        for token in out:
+            m.fill_bitmask(row[0])
+            unpack_bitmask_np(row, grammar.vocab_size)
+            m.accept(token)
+        times.append((time.perf_counter() - t) * 1e3 / max(len(out), 1))
+    return statistics.median(times)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new", type=int, default=48)
@@ -91,25 +116,29 @@ def main() -> None:
     parallel = compiler.compile(tool_calls_constraint(SPECS, "required", parallel=True))
     compile_ms = (time.perf_counter() - t) * 1e3
     single = compiler.compile(tool_calls_constraint(SPECS, "required", parallel=False))
+    auto = compiler.compile(tool_calls_constraint(SPECS, "auto", parallel=True))
+    no_end = {t: -100.0 for t in stop}
 
-    def request(grammar, seed: int, new: int) -> GenerationRequest:
-        return GenerationRequest(
-            list(prompt), SamplingParams(temperature=1.0, seed=seed), new,
-            stop_token_ids=stop, grammar=grammar, detokenize=False,
-        )  # fmt: skip
+    def request(grammar, seed: int, new: int, bias: bool = True) -> GenerationRequest:
+        params = SamplingParams(temperature=1.0, seed=seed, logit_bias=no_end if bias else {})
+        return GenerationRequest(list(prompt), params, new, stop_token_ids=stop,
+                                 grammar=grammar, detokenize=False)  # fmt: skip
 
     decode_rate(engine, request(parallel, 0, args.new))  # warm-up
-    free, constrained, lengths = [], [], []
-    for r in range(args.repeats):  # interleaved, so both see the same machine load
-        free.append(decode_rate(engine, request(None, r, args.new))[0])
-        rate, out = decode_rate(engine, request(parallel, r, args.new))
-        constrained.append(rate)
-        lengths.append(len(out))
-    f, c = statistics.median(free), statistics.median(constrained)
+    rates: dict[str, list[float]] = {"free": [], "required": [], "auto": []}
+    lengths: set[int] = set()
+    for r in range(args.repeats):  # interleaved, so all see the same machine load
+        for name, grammar in (("free", None), ("required", parallel), ("auto", auto)):
+            rate, out = decode_rate(engine, request(grammar, r, args.new))
+            rates[name].append(rate)
+            lengths.add(len(out))
+    f, c, a = (statistics.median(rates[k]) for k in ("free", "required", "auto"))
+    replay = {k: grammar_ms_per_token(g, engine, request(g, 0, args.new))
+              for k, g in (("required", parallel), ("auto", auto))}  # fmt: skip
 
     valid, truncated, calls_seen = 0, 0, 0
     for seed in range(args.calls):
-        _, out = decode_rate(engine, request(single, 1000 + seed, args.call_tokens))
+        _, out = decode_rate(engine, request(single, 1000 + seed, args.call_tokens, bias=False))
         _, calls = parse_tool_calls(tok.decode(out), set(PARAMS))
         calls_seen += len(calls)
         if len(out) >= args.call_tokens and not calls:
@@ -124,15 +153,19 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; model {args.preset}; "
           f"prompt {len(prompt)} tokens (3 tool definitions)")  # fmt: skip
-    print(f"grammar compile: {compile_ms:.1f} ms (cached per tool set); constrained lengths "
-          f"{lengths} tokens")  # fmt: skip
+    print(f"grammar compile: {compile_ms:.1f} ms (cached per tool set); decoded lengths "
+          f"{sorted(lengths)} tokens")  # fmt: skip
     print("| decoding | tokens/s (median) | runs |")
     print("|---|---|---|")
-    print(f"| unconstrained | {f:.2f} | {', '.join(f'{x:.2f}' for x in free)} |")
-    print(f"| tool calls (required, parallel) | {c:.2f} | "
-          f"{', '.join(f'{x:.2f}' for x in constrained)} |")  # fmt: skip
-    print(f"constrained is {100 * (1 - c / f):.1f}% slower per token than unconstrained "
-          f"(ratio {f / c:.3f}x time per token)")  # fmt: skip
+    for label, key in (("unconstrained", "free"), ("tool calls, required (parallel)", "required"),
+                       ("tool calls, auto (text or calls)", "auto")):  # fmt: skip
+        runs = ", ".join(f"{x:.2f}" for x in rates[key])
+        print(f"| {label} | {statistics.median(rates[key]):.2f} | {runs} |")
+    for label, x in (("required", c), ("auto", a)):
+        print(f"{label}: {100 * (1 - x / f):.1f}% slower per token than unconstrained "
+              f"(time per token ratio {f / x:.3f}x); grammar work replayed: "
+              f"{replay[label]:.3f} ms/token = {100 * replay[label] * f / 1e3:.1f}% of the "
+              f"unconstrained {1e3 / f:.1f} ms/token")  # fmt: skip
     print(f"call validity under required: {valid}/{args.calls} replies = "
           f"{100 * valid / args.calls:.1f}% (one call each, arguments validated with "
           f"jsonschema; {truncated} cut at max_tokens={args.call_tokens})")  # fmt: skip
