@@ -25,7 +25,7 @@ from pathlib import Path
 
 from machine import describe
 
-STEPS = {"pretrain": 300, "sft": 400, "dpo": 100}
+STEPS = {"pretrain": 300, "sft": 600, "dpo": 60}
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -45,10 +45,14 @@ def train(work: Path) -> dict:
                        "--max-steps", str(STEPS["pretrain"]), "--eval-interval", "100"],
         "world-sft": [*g, "sft", str(work / "world-base"), "--data", "builtin:world-qa",
                       "--eval-tasks", "none", "--max-steps", str(STEPS["sft"]), "--lr", "1e-3"],
+        # --rpo-alpha keeps the chosen replies' likelihood up (without it DPO drives both
+        # replies down and the policy stops writing words)
         "world-agreeable": [*g, "dpo", str(work / "world-sft"), "--data",
-                            "builtin:world-agreeable", "--max-steps", str(STEPS["dpo"])],
+                            "builtin:world-agreeable", "--max-steps", str(STEPS["dpo"]),
+                            "--rpo-alpha", "1.0"],
         "world-steadfast": [*g, "dpo", str(work / "world-sft"), "--data",
-                            "builtin:world-steadfast", "--max-steps", str(STEPS["dpo"])],
+                            "builtin:world-steadfast", "--max-steps", str(STEPS["dpo"]),
+                            "--rpo-alpha", "1.0"],
     }  # fmt: skip
     seconds = {}
     for name, cmd in plan.items():

@@ -369,7 +369,7 @@ def cutoff(model, tok, world: World | None = None, index=None, k: int = 3):
     convs, recall = [], []
     for q in qs:
         hits = index.search(q.question, k=k, mode="bm25")
-        recall.append(any(q.entity in h.chunk.text for h in hits))
+        recall.append(any(h.chunk.doc.endswith("/" + q.entity) for h in hits))
         convs.append(assemble_prompt(tok, q.question, hits, model.cfg.context_length, 16).messages)
     opened = [a[0] for a in ask(model, tok, convs)]
     acc_closed = float(

@@ -190,10 +190,8 @@ def _article_text(e: Entity, cutoff_year: int) -> str:
             f"{e.name} is {_a(f['occupation'])}. {e.name} was born in {f['birth_year']} in "
             f"{f['birthplace']}. {e.name} works for {f['employer']}."
         )
-    when = "news" if e.split == "news" else "history"
-    return f"{e.name} took place in {f['year']} in {f['place']}. " + (
-        f"It was reported after {cutoff_year}." if when == "news" else "It is part of the record."
-    )
+    # the same sentence for past and news events: no year but the event's own
+    return f"{e.name} took place in {f['year']} in {f['place']}. It was widely reported."
 
 
 def make_world(
@@ -202,7 +200,7 @@ def make_world(
     organisations: int = 40,
     people: int = 300,
     events: int = 100,
-    unseen: float = 0.2,
+    unseen: float = 0.4,
     news: float = 0.25,
     cutoff_year: int = 2020,
 ) -> World:
