@@ -304,6 +304,11 @@ class Engine:
     Not thread-safe: one thread calls :meth:`add`, :meth:`abort` and :meth:`step`
     (:class:`AsyncEngine` is that thread for the server). ``max_len`` (default: the
     model's context window) is the most tokens, prompt + output, one sequence may hold.
+    ``max_batched_tokens`` bounds one step's tokens (decode + prompt chunks): smaller
+    keeps running streams' pace when long prompts arrive, larger admits bursts faster.
+    ``compile``: ``off`` (eager), ``on`` (the static-shape decode step through
+    torch.compile on CPU, CUDA graphs on CUDA) or ``auto`` (time both at start, keep
+    the faster; :attr:`compile_decision` says which and why).
     """
 
     def __init__(
