@@ -64,6 +64,7 @@ def serve(
         int, typer.Option(help="Size of a JSON schema/regex/choice list, as JSON.")
     ] = 32_768,
     max_schema_depth: Annotated[int, typer.Option(help="Nesting of a JSON schema.")] = 64,
+    max_tools: Annotated[int, typer.Option(help="Tools in one chat request.")] = 128,
     grammar_timeout: Annotated[float, typer.Option(help="Seconds to compile a grammar.")] = 10.0,
     request_timeout: Annotated[
         float, typer.Option(help="Seconds per request, arrival to last token (0 = none).")
@@ -111,6 +112,7 @@ def serve(
             max_messages=max_messages, max_prompt_chars=max_prompt_chars,
             max_logit_bias=max_logit_bias, max_stop=max_stop, max_stop_chars=max_stop_chars,
             max_schema_bytes=max_schema_bytes, max_schema_depth=max_schema_depth,
+            max_tools=max_tools,
             grammar_timeout=grammar_timeout, request_timeout=request_timeout or None,
             max_queue_wait=max_queue_wait or None,
         )  # fmt: skip
