@@ -224,8 +224,10 @@ class VLMTrainConfig(FinetuneConfig):
     """builtin:scenes, or a folder of images with qa.jsonl ({"file", "question", "answer"})."""
     num_images: int = 20000
     """Training scenes rendered for builtin:scenes (held out: a tenth as many)."""
-    freeze_vision: bool = False
-    """Keep the image encoder's weights fixed (train the projector and the LM only)."""
+    freeze_vision: bool = True
+    """Keep the image encoder's weights fixed (train the projector and the LM only), as
+    LLaVA's first stage does: tuned at this learning rate from a random projector, the
+    ViT loses the shape features contrastive training gave it (docs/multimodal.md)."""
     pool: int = 2
     """Image patches average-pooled pool x pool into one image token (1 = every patch)."""
     no_image_fraction: float = 0.1
