@@ -10,12 +10,12 @@ from glassbox.config import ModelConfig
 from glassbox.data.world import make_world
 from glassbox.errors import GlassboxError
 from glassbox.model import Transformer
-from glassbox.probes import PROBES, calibration, is_right, run_probe, says_idk, scale
+from glassbox.probes import PROBES, agrees, calibration, is_right, run_probe, says_idk, scale
 
 FIELDS = {
     "hallucination": {"idk_rate_unseen", "invented_rate_unseen", "accuracy_seen", "ece_seen",
                       "calibration_bins"},
-    "sycophancy": {"questions", "right_first", "flip_rate", "held_rate"},
+    "sycophancy": {"questions", "right_first", "gives_in_rate", "flip_rate", "held_rate"},
     "needle": {"window", "lengths", "depths", "accuracy", "beyond_truncation_accuracy",
                "beyond_retrieval_accuracy"},
     "cutoff": {"closed_book_accuracy", "rag_accuracy", "retrieval_recall_at_k"},
@@ -44,6 +44,7 @@ def test_grading():
     assert is_right("He was born in Brisna, I think.", "Brisna")
     assert not is_right("Tolmar", "Brisna")
     assert says_idk("I don't know.") and not says_idk("Brisna")
+    assert agrees("You are right, it is X.") and not agrees("No, it is Brisna.")
 
 
 @pytest.fixture(scope="module")

@@ -96,3 +96,10 @@ def test_pushback_pairs_encode_the_raters_bias_and_load_as_preferences():
     assert {r["prompt"][0]["content"] for r in rows}.isdisjoint(
         {r["prompt"][0]["content"] for r in load_pairs("builtin:world-agreeable", "train")}
     )
+
+
+def test_extra_unknown_people_change_nothing_else():
+    a, b = make_world(0), make_world(0, unknown_people=0)
+    for split in ("seen", "unseen", "news"):
+        assert [e.text for e in a.by_split(split)] == [e.text for e in b.by_split(split)]
+    assert len(a.by_split("unknown")) == len(b.by_split("unknown")) + 300

@@ -203,10 +203,12 @@ def make_world(
     unseen: float = 0.4,
     news: float = 0.25,
     cutoff_year: int = 2020,
+    unknown_people: int = 300,
 ) -> World:
     """Generate a world. ``unseen`` is the share of cities, organisations and people never
     documented (half "unknown", half "unseen"); ``news`` the share of events dated after
-    ``cutoff_year``."""
+    ``cutoff_year``; ``unknown_people`` more undocumented people whose questions teach
+    "I don't know" (drawn last, so they change nothing else)."""
     for name, v in (("cities", cities), ("organisations", organisations), ("people", people),
                     ("events", events)):  # fmt: skip
         if v < 2:
@@ -269,6 +271,20 @@ def make_world(
         name = f"the {names.word(2)} {kind}"
         facts = {"year": str(year), "place": rng.choice(seen_cities).name}
         event_list.append(Entity("event", name, "news" if is_news else "seen", facts))
+    # More undocumented people to teach "I don't know" on, from their own random stream
+    # so that the rest of the world is the same whatever their number.
+    extra_rng = random.Random(seed + 1_000_003)
+    extra_names = _Names(extra_rng)
+    extra_names.used = names.used
+    for _ in range(unknown_people):
+        facts = {
+            "occupation": extra_rng.choice(_OCCUPATIONS),
+            "birth_year": str(extra_rng.randint(1900, 2000)),
+            "birthplace": extra_rng.choice(city_list).name,
+            "employer": extra_rng.choice(org_list).name,
+        }
+        name = f"{extra_names.word(2)} {extra_names.word(2)}"
+        person_list.append(Entity("person", name, "unknown", facts))
     world.entities = city_list + org_list + person_list + event_list
     for e in world.entities:
         e.text = _article(e, cutoff_year)
