@@ -109,3 +109,22 @@ def test_vlm_train_refuses_wrong_vision(lm_run, tmp_path):
     result = CliRunner().invoke(app, ["vlm", "train", lm_run, "--vision", lm_run, "--out",
                                       str(tmp_path / "v")])  # fmt: skip
     assert result.exit_code != 0 and "glassbox clip train" in str(result.exception)
+
+
+def test_vlm_resume_is_exact(lm_run, clip_run, tmp_path):
+    import shutil
+
+    from glassbox.vision.train import VLMTrainConfig, train_vlm
+
+    settings = dict(base=lm_run, vision=clip_run, num_images=64, batch_size=4, max_steps=4)
+    settings |= dict(eval_interval=10, checkpoint_interval=2, log_interval=2, eval_limit=2)
+    settings["device"] = "cpu"
+    full = tmp_path / "full"
+    train_vlm(VLMTrainConfig(out=str(full), **settings))
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_00000004")  # as if it died after step 2
+    train_vlm(VLMTrainConfig(out=str(cut), resume=True, **settings))
+    a = ckpt.load_tensors(full / "model.safetensors")
+    b = ckpt.load_tensors(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
