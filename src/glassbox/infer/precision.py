@@ -424,7 +424,10 @@ def _decide(model, tokenizer, candidates, timings, check, note) -> PrecisionChoi
 
 
 def _speeds(timings: dict[str, float], name: str) -> str:
-    return f"{timings['fp32'] / timings[name]:.1f}x faster matvec than fp32 on this CPU"
+    ratio = timings["fp32"] / timings[name]
+    if ratio >= 1:
+        return f"{ratio:.1f}x faster matvec than fp32 on this CPU"
+    return f"{name} matvec at {ratio:.2g}x fp32's speed on this CPU"
 
 
 def cast_model(model: nn.Module, choice: PrecisionChoice | str) -> nn.Module:
