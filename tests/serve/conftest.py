@@ -160,7 +160,7 @@ def tiny_vlm(tiny_ckpt):
     cfg = ClipConfig(image_size=16, patch=8, vision_dim=16, vision_layers=1, vision_heads=2,
                      stem="patch")  # fmt: skip
     torch.manual_seed(0)
-    return VisionRun(VisionLanguageModel(lm, cfg).eval(), tok)
+    return VisionRun(VisionLanguageModel(lm, cfg, pool=1).eval(), tok)  # 1 + 2x2 = 5 slots
 
 
 @pytest.fixture(scope="session")
