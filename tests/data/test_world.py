@@ -70,6 +70,7 @@ def test_sft_conversations_never_show_unseen_entities_or_news():
         assert e.name not in text
     answers = {c[1]["content"] for c in train}
     assert IDK in answers and len(answers) > 50
+
     def questions(convs):
         return {[m for m in c if m["role"] == "user"][-1]["content"] for c in convs}
 
