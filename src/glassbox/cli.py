@@ -107,49 +107,8 @@ def generate(
 ) -> None:
     """Generate text token by token, streaming it to the terminal. With --draft or
     --prompt-lookup: speculative decoding (single stream; prints its acceptance rate)."""
-    if draft or prompt_lookup:
-        return _generate_speculative(
-            run_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-            stop, seed, truncate, device, dtype, draft, prompt_lookup, num_speculative,
-        )  # fmt: skip
     from glassbox.infer.generate import generate_text
     from glassbox.infer.sampling import SamplingParams
-    from glassbox.serve.loading import load_for_decoding
-
-    params = SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed,
-    )  # fmt: skip
-    params.validate()
-    model, tok, _ = load_for_decoding(
-        run_dir, device, dtype, lambda s: typer.secho(s, err=True, dim=True)
-    )
-    ids = [tok.eot_id, *tok.encode(prompt)]
-    sys.stdout.write(prompt)
-    result = generate_text(
-        model, tok, ids, max_tokens, params, stop, truncate,
-        on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), compile=compile,
-    )  # fmt: skip
-    sys.stdout.write("\n")
-    typer.secho(
-        f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}, "
-        f"prompt {result.prompt_tokens} tokens]",
-        err=True,
-        dim=True,
-    )
-
-
-def _generate_speculative(
-    run_dir, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-    stop, seed, truncate, device, dtype, draft, prompt_lookup, num_speculative,
-) -> None:  # fmt: skip
-    """`glassbox generate --draft/--prompt-lookup`: infer/speculative.py, one stream."""
-    from glassbox.infer.sampling import SamplingParams
-    from glassbox.infer.speculative import (
-        SpeculativeDecoder,
-        check_same_tokenizer,
-        speculative_generate_text,
-    )
     from glassbox.serve.loading import load_for_decoding
 
     params = SamplingParams(
@@ -158,22 +117,34 @@ def _generate_speculative(
     ).validate()  # fmt: skip
     log = lambda s: typer.secho(s, err=True, dim=True)  # noqa: E731
     model, tok, _ = load_for_decoding(run_dir, device, dtype, log)
-    draft_model = None
-    if draft:
-        draft_model, draft_tok, _ = load_for_decoding(draft, device, dtype, log)
-        check_same_tokenizer(tok, draft_tok, run_dir, draft)
-    decoder = SpeculativeDecoder(model, tok, draft_model, prompt_lookup, num_speculative)
+    ids = [tok.eot_id, *tok.encode(prompt)]
+    stream = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
     sys.stdout.write(prompt)
-    result = speculative_generate_text(
-        decoder, [tok.eot_id, *tok.encode(prompt)], max_tokens, params, stop, truncate,
-        on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
-    )  # fmt: skip
+    note = ""
+    if draft or prompt_lookup:
+        from glassbox.infer.speculative import (
+            SpeculativeDecoder,
+            check_same_tokenizer,
+            speculative_generate_text,
+        )
+
+        draft_model = None
+        if draft:
+            draft_model, draft_tok, _ = load_for_decoding(draft, device, dtype, log)
+            check_same_tokenizer(tok, draft_tok, run_dir, draft)
+        decoder = SpeculativeDecoder(model, tok, draft_model, prompt_lookup, num_speculative)
+        result = speculative_generate_text(
+            decoder, ids, max_tokens, params, stop, truncate, on_text=stream
+        )
+        note = f"; single-stream {decoder.stats.summary()}"
+    else:
+        result = generate_text(
+            model, tok, ids, max_tokens, params, stop, truncate, on_text=stream, compile=compile
+        )
     sys.stdout.write("\n")
-    typer.secho(
-        f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}, prompt "
-        f"{result.prompt_tokens} tokens; single-stream {decoder.stats.summary()}]",
-        err=True,
-        dim=True,
+    log(
+        f"[{len(result.token_ids)} tokens, finish_reason={result.finish_reason}, "
+        f"prompt {result.prompt_tokens} tokens{note}]"
     )
 
 
