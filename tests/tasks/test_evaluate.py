@@ -9,17 +9,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from glassbox.checkpoint import save_model_dir
-from glassbox.conversation import encode_conversation
 from glassbox.errors import GlassboxError
 from glassbox.tasks import FAMILIES, Task, builtin_tasks, load_tasks, sft_conversations
 from glassbox.tasks.evaluate import evaluate, limit_per_family, score_completions
 from glassbox.tasks.preferences import wrong_answer
 
-from .conftest import tiny_model
+from .conftest import overfit, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -42,37 +39,13 @@ def test_a_random_model_gets_a_report_with_every_family(task_tok, few):
     assert [s["completion"] for s in again.samples] == [s["completion"] for s in report.samples]
 
 
-def overfit(model, tok, tasks: list[Task], steps: int = 300) -> None:
-    """Train ``model`` on the tasks' SFT conversations (assistant tokens only) until it
-    reproduces them."""
-    convs = [encode_conversation(tok, c) for c in sft_conversations(tasks)]
-    width = max(len(c.ids) for c in convs)
-    ids = torch.zeros(len(convs), width, dtype=torch.long)
-    mask = torch.zeros(len(convs), width)
-    for i, c in enumerate(convs):
-        ids[i, : len(c.ids)] = torch.tensor(c.ids)
-        mask[i, : len(c.ids)] = torch.tensor(c.loss_mask, dtype=torch.float)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        logits = model(ids[:, :-1])
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.005:
-            break
-    model.eval()
-
-
 def test_a_model_trained_to_answer_scores_one(task_tok, few):
     """Real generation, decoding without the stop token, real checkers: a model that has
     learned the answers gets 1.0, one that has not gets less."""
     chosen = [t for t in few if t.family in ("arithmetic", "comparison")]
     model = tiny_model(task_tok, seed=1)
     before = evaluate(model, task_tok, chosen, max_tokens=8, show_progress=False)
-    overfit(model, task_tok, chosen)
+    overfit(model, task_tok, sft_conversations(chosen), steps=300, stop_loss=0.005)
     after = evaluate(model, task_tok, chosen, max_tokens=8, show_progress=False)
     assert after.accuracy() == 1.0, after.samples
     assert before.accuracy() < 1.0

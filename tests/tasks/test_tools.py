@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from glassbox.checkpoint import save_model_dir
 from glassbox.config import ModelConfig
@@ -28,6 +27,8 @@ from glassbox.tasks.tools import (
     run_tool,
 )
 from glassbox.tokenizer import END, Tokenizer
+
+from .conftest import overfit
 
 
 @pytest.fixture(scope="module")
@@ -105,27 +106,6 @@ def long_model(tok: Tokenizer, seed: int = 0) -> Transformer:
     return Transformer(cfg).eval()
 
 
-def overfit(model, tok, conversations, steps: int = 400) -> None:
-    convs = [encode_conversation(tok, c) for c in conversations]
-    width = max(len(c.ids) for c in convs)
-    ids = torch.zeros(len(convs), width, dtype=torch.long)
-    mask = torch.zeros(len(convs), width)
-    for i, c in enumerate(convs):
-        ids[i, : len(c.ids)] = torch.tensor(c.ids)
-        mask[i, : len(c.ids)] = torch.tensor(c.loss_mask, dtype=torch.float)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        nll = F.cross_entropy(model(ids[:, :-1]).transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.003:
-            break
-    model.eval()
-
-
 @pytest.mark.slow
 def test_a_model_taught_the_round_trips_uses_the_tools(heldout):
     """SFT on the reference trajectories: the model calls the right tool with valid
@@ -135,7 +115,7 @@ def test_a_model_taught_the_round_trips_uses_the_tools(heldout):
     tok = tool_tok(heldout)
     model = long_model(tok, seed=1)
     before = evaluate_tools(model, tok, chosen, max_tokens=64)
-    overfit(model, tok, sft_conversations(chosen))
+    overfit(model, tok, sft_conversations(chosen), steps=400, stop_loss=0.003)
     after = evaluate_tools(model, tok, chosen, max_tokens=64)
     assert after.overall.calls == 3 and after.overall.call_validity == 1.0, after.samples
     assert after.overall.accuracy_with_tools == 1.0, after.samples
