@@ -40,10 +40,10 @@ def patch_forward(monkeypatch, model, should_fail) -> None:
     """Make model.forward raise when ``should_fail(idx, rows)`` says so."""
     original = Transformer.forward
 
-    def forward(idx, cache=None, input_pos=None, rows=None, last_only=False):
+    def forward(idx, cache=None, input_pos=None, rows=None, last_only=False, embeds=None):
         if should_fail(idx, rows):
             raise RuntimeError("injected fault")
-        return original(model, idx, cache, input_pos, rows, last_only)
+        return original(model, idx, cache, input_pos, rows, last_only, embeds=embeds)
 
     monkeypatch.setattr(model, "forward", forward)
 
@@ -165,8 +165,8 @@ def test_nan_logits_fail_only_their_row(monkeypatch, model, tok, alone, temperat
     victim = groups[0][0]
     original = Transformer.forward
 
-    def forward(idx, cache=None, input_pos=None, rows=None, last_only=False):
-        out = original(model, idx, cache, input_pos, rows, last_only)
+    def forward(idx, cache=None, input_pos=None, rows=None, last_only=False, embeds=None):
+        out = original(model, idx, cache, input_pos, rows, last_only, embeds=embeds)
         if idx.shape[1] == 1 and len(victim.output) >= 2 and victim.slot in rows_of(idx, rows):
             out[rows_of(idx, rows).index(victim.slot)] = float("nan")
         return out
@@ -276,12 +276,12 @@ class Gate:
         )
         original = Transformer.forward
 
-        def forward(idx, cache=None, input_pos=None, rows=None, last_only=False):
+        def forward(idx, cache=None, input_pos=None, rows=None, last_only=False, embeds=None):
             if not self.used and self.when(idx, rows):
                 self.used = True
                 self.blocked.set()
                 self.opened.wait(10)
-            return original(model, idx, cache, input_pos, rows, last_only)
+            return original(model, idx, cache, input_pos, rows, last_only, embeds=embeds)
 
         monkeypatch.setattr(model, "forward", forward)
 

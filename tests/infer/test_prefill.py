@@ -136,3 +136,42 @@ def test_long_prompt_does_not_stop_running_streams(model, tok):
 def test_batched_tokens_must_be_positive(model, tok):
     with pytest.raises(GlassboxError, match="max_batched_tokens=0"):
         Engine(model, tok, max_batched_tokens=0)
+
+
+def _greedy_with_embeds(model, ids: list[int], embeds: torch.Tensor, n: int) -> list[int]:
+    """Reference: full forwards over [embeds, then the embedded new tokens], no cache."""
+    x, out = embeds[None], []
+    for _ in range(n):
+        nxt = int(model(torch.tensor([ids + out]), embeds=x)[0, -1].argmax())
+        out.append(nxt)
+        x = torch.cat([x, model.embed(torch.tensor([[nxt]]))], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("budget", [256, 5])  # one prefill, or chunks of 5 beside a decode
+def test_prompt_embeds_replace_the_token_embeddings_at_prefill(model, budget):
+    """A request's input vectors (a VLM prompt: image vectors at some slots) reach the
+    prefill, in one forward or in chunks, and decoding continues from them."""
+    ids = random_prompt(model, 23, 5)
+    with torch.no_grad():
+        embeds = model.embed(torch.tensor(ids)).clone()  # (T, C)
+        embeds[4:9] = torch.randn(5, model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+        want = _greedy_with_embeds(model, ids, embeds, 6)
+    engine = Engine(model, max_seqs=2, max_batched_tokens=budget)
+    other = GenerationRequest(random_prompt(model, 3, 6), GREEDY, max_tokens=12)
+    req = GenerationRequest(ids, GREEDY, max_tokens=6, prompt_embeds=embeds)
+    plain = GenerationRequest(ids, GREEDY, max_tokens=6)
+    got = engine.run([other, req, plain])
+    assert got[1][0] == want
+    assert got[1][0] != got[2][0]  # the vectors, not the ids' embeddings, were read
+
+
+def test_prompt_embeds_follow_truncation_and_shape_is_checked(model):
+    ids = random_prompt(model, 20, 7)
+    embeds = torch.randn(20, model.cfg.d_model)
+    engine = Engine(model, max_seqs=1)
+    req = engine.prepare(GenerationRequest(ids, GREEDY, max_tokens=2, prompt_embeds=embeds,
+                                           truncate_prompt_tokens=8))  # fmt: skip
+    assert req.prompt == ids[-8:] and torch.equal(req.prompt_embeds, embeds[-8:])
+    with pytest.raises(GlassboxError, match=r"prompt_embeds has shape \(19, \d+\)"):
+        engine.prepare(GenerationRequest(ids, GREEDY, prompt_embeds=embeds[1:]))

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from glassbox.serve.errors import APIError
-from glassbox.vision.api import ImageLimits, request_images
+from glassbox.serve.limits import ServeLimits
+from glassbox.vision.api import request_images
 from glassbox.vision.vlm import IMAGE_MARKER
 
 
@@ -28,7 +29,7 @@ def _msgs(*urls: str) -> list[dict]:
 
 def test_data_url_image_decodes():
     flat, images = request_images(_msgs(_url(Image.new("RGB", (64, 32), (255, 0, 0)))),
-                                  ImageLimits())  # fmt: skip
+                                  ServeLimits())  # fmt: skip
     assert flat[0]["content"] == f"{IMAGE_MARKER}\nWhat is it?"
     assert images[0].shape == (3, 48, 48) and images[0][0].min() == 255
 
@@ -36,12 +37,12 @@ def test_data_url_image_decodes():
 @pytest.mark.parametrize(
     ("url", "limits", "match"),
     [
-        ("https://example.com/cat.png", ImageLimits(), "never fetches"),
-        ("data:text/plain;base64,aGk=", ImageLimits(), "data:image/png;base64"),
-        ("data:image/png;base64,@@@", ImageLimits(), "invalid base64"),
-        (_url(b"\x89PNG not really"), ImageLimits(), "Cannot read image"),
-        (_url(Image.new("RGB", (200, 200))), ImageLimits(max_image_bytes=100), "at most 100 bytes"),
-        (_url(Image.new("RGB", (200, 200))), ImageLimits(max_image_pixels=1000), "limit is 1000"),
+        ("https://example.com/cat.png", ServeLimits(), "never fetches"),
+        ("data:text/plain;base64,aGk=", ServeLimits(), "data:image/png;base64"),
+        ("data:image/png;base64,@@@", ServeLimits(), "invalid base64"),
+        (_url(b"\x89PNG not really"), ServeLimits(), "Cannot read image"),
+        (_url(Image.new("RGB", (200, 200))), ServeLimits(max_image_bytes=100), "at most 100 bytes"),
+        (_url(Image.new("RGB", (200, 200))), ServeLimits(max_image_pixels=1000), "limit is 1000"),
     ],
 )
 def test_bad_images_are_400s_naming_the_field(url, limits, match):
@@ -53,7 +54,7 @@ def test_bad_images_are_400s_naming_the_field(url, limits, match):
 def test_too_many_images():
     url = _url(Image.new("RGB", (8, 8)))
     with pytest.raises(APIError, match="3 images; this server allows at most 2") as e:
-        request_images(_msgs(url, url, url), ImageLimits(max_images=2))
+        request_images(_msgs(url, url, url), ServeLimits(max_images=2))
     assert e.value.param == "messages"
 
 
@@ -66,12 +67,12 @@ def test_chat_prompt_vectors_carry_the_image(vlm_run):
     loaded = ckpt.load_checkpoint(vlm_run)
     model, tok = loaded.model, loaded.tokenizer
     red, blue = Image.new("RGB", (48, 48), (230, 40, 40)), Image.new("RGB", (48, 48), (50, 90, 240))
-    ids_r, emb_r = chat_prompt(model, tok, _msgs(_url(red)), ImageLimits())
-    ids_b, emb_b = chat_prompt(model, tok, _msgs(_url(blue)), ImageLimits())
+    ids_r, emb_r = chat_prompt(model, tok, _msgs(_url(red)), ServeLimits())
+    ids_b, emb_b = chat_prompt(model, tok, _msgs(_url(blue)), ServeLimits())
     assert ids_r == ids_b and emb_r.shape == (len(ids_r), model.lm.cfg.d_model)
     text = torch.tensor([ids_r])
     same = (emb_r == model.lm.embed(text)[0]).all(-1)  # (T,) rows equal to token embeddings
     assert int((~same).sum()) == model.image_tokens  # exactly the image slots differ
     assert not torch.equal(emb_r, emb_b)
-    ids, emb = chat_prompt(model, tok, [{"role": "user", "content": "Hi"}], ImageLimits())
+    ids, emb = chat_prompt(model, tok, [{"role": "user", "content": "Hi"}], ServeLimits())
     assert emb is None and ids

@@ -87,6 +87,10 @@ class GenerationRequest:
     grammar: Grammar | None = None  # structured output
     request_id: str = ""
     detokenize: bool = True  # False: ids only, no text (rollouts); stop strings need text
+    # (T, C) input vectors for the prompt's positions, used at prefill instead of the
+    # token embeddings (a vision-language model's prompt: text embeddings with image
+    # vectors at the image slots); None = embed(prompt). Decoding embeds sampled tokens.
+    prompt_embeds: torch.Tensor | None = None
 
 
 @dataclass
@@ -157,6 +161,7 @@ def prefill_chunks(
     chunks: list[torch.Tensor],  # B chunks (c_b,) of prompt tokens
     starts: list[int],  # cache position of each chunk's first token
     slots: list[int],  # cache row of each chunk
+    embeds: list[torch.Tensor | None] | None = None,  # per chunk (c_b, C) input vectors
 ) -> torch.Tensor:
     """Prefill B prompt chunks of different lengths in ONE forward; returns the logits
     after each chunk's last token (B, V).
@@ -167,6 +172,8 @@ def prefill_chunks(
     see it, and that cache entry is written again, by the real token, before any real
     token reads it (the next chunk or the first decode step writes position start + c
     first). The prompt + at least one new token fit the cache, so start + c < max_len.
+
+    ``embeds[b]``, when given, replaces chunk b's token embeddings (a VLM's image slots).
     """
     B, T = len(chunks), max(c.shape[0] for c in chunks)
     device = chunks[0].device
@@ -178,7 +185,13 @@ def prefill_chunks(
         input_pos[b, T - c :] = torch.arange(start, start + c, device=device)
         input_pos[b, : T - c] = start + c
     rows = torch.tensor(slots, device=device)
-    return model(idx, cache, input_pos, rows, last_only=True)[:, -1]  # (B, V)
+    x = None
+    if embeds is not None and any(e is not None for e in embeds):
+        x = model.embed(idx)  # (B, T, C)
+        for b, e in enumerate(embeds):
+            if e is not None:
+                x[b, T - e.shape[0] :] = e.to(x.dtype)
+    return model(idx, cache, input_pos, rows, last_only=True, embeds=x)[:, -1]  # (B, V)
 
 
 @torch.inference_mode()
@@ -439,6 +452,7 @@ class Engine:
             )
         self._check_ids("prompt token id", req.prompt)
         self._check_ids("stop token id", req.stop_token_ids)
+        self._check_embeds(req)
         prompt = list(req.prompt)
         if req.truncate_prompt_tokens is not None:
             if req.truncate_prompt_tokens < 1:
@@ -448,7 +462,17 @@ class Engine:
             prompt = prompt[-req.truncate_prompt_tokens :]
         keep, max_new = self._fit(len(prompt), req.max_tokens)
         req.prompt, req.max_tokens = prompt[len(prompt) - keep :], max_new
+        if req.prompt_embeds is not None:  # the same positions as the kept prompt
+            req.prompt_embeds = req.prompt_embeds[req.prompt_embeds.shape[0] - keep :]
         return req
+
+    def _check_embeds(self, req: GenerationRequest) -> None:
+        e = req.prompt_embeds
+        if e is not None and tuple(e.shape) != (len(req.prompt), self.cfg.d_model):
+            raise GlassboxError(
+                f"prompt_embeds has shape {tuple(e.shape)}; it must be (prompt tokens, d_model)"
+                f" = ({len(req.prompt)}, {self.cfg.d_model}), one vector per prompt position."
+            )
 
     def _check_ids(self, what: str, ids) -> None:
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -598,13 +622,15 @@ class Engine:
         self._release()
 
     def _prefill_forward(self, work: list[tuple[list[Sequence], int]]) -> torch.Tensor:
-        chunks, starts, slots = [], [], []
+        chunks, starts, slots, embeds = [], [], [], []
         for group, c in work:
             start = group[0].prefilled
             chunks.append(torch.tensor(group[0].prompt[start : start + c], device=self.device))
             starts.append(start)
             slots.append(group[0].slot)
-        return prefill_chunks(self.model, self.cache, chunks, starts, slots)  # (B, V)
+            e = group[0].request.prompt_embeds
+            embeds.append(None if e is None else e[start : start + c].to(self.device))
+        return prefill_chunks(self.model, self.cache, chunks, starts, slots, embeds)  # (B, V)
 
     def _copy_prompt(self, group: list[Sequence]) -> None:
         """The n choices of a request share one prefill: copy the first slot's prompt."""

@@ -24,7 +24,7 @@ from glassbox.serve.endpoints import ENDPOINTS
 from glassbox.serve.errors import REQUEST_ID_HEADER, install_error_handlers
 from glassbox.serve.guard import GuardMiddleware
 from glassbox.serve.limits import ServeLimits
-from glassbox.serve.loading import ServedModel, load_served_models
+from glassbox.serve.loading import ServedEncoder, ServedModel, load_served_models
 from glassbox.serve.metrics import Metrics
 from glassbox.serve.state import ServerState
 
@@ -32,7 +32,7 @@ __all__ = ["ServedModel", "ServeLimits", "create_app", "load_served_models"]
 
 
 def create_app(
-    models: dict[str, ServedModel],
+    models: dict[str, ServedModel | ServedEncoder],
     api_key: str | None = None,
     cors_origins: list[str] | None = None,
     max_body_bytes: int = 1 << 20,
@@ -43,7 +43,8 @@ def create_app(
     diffusion: dict | None = None,
     vision: dict | None = None,
 ) -> FastAPI:
-    """Build the FastAPI app serving ``models`` (name -> ServedModel).
+    """Build the FastAPI app serving ``models`` (name -> ServedModel, or ServedEncoder
+    for a contrastive run, which answers /v1/embeddings only).
 
     ``api_key`` None serves without a key, to loopback Hosts only (plus
     ``allowed_hosts``); an empty key is refused rather than read as "no key".
@@ -58,7 +59,9 @@ def create_app(
             "The API key is empty, which would turn authentication off; give a non-empty "
             "key (--api-key or GLASSBOX_API_KEY), or none at all to serve on localhost only."
         )
-    state = ServerState(models, limits or ServeLimits(), Metrics(models))
+    encoders = {n: m for n, m in models.items() if isinstance(m, ServedEncoder)}
+    models = {n: m for n, m in models.items() if not isinstance(m, ServedEncoder)}
+    state = ServerState(models, limits or ServeLimits(), Metrics(models), encoders=encoders)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -86,8 +89,12 @@ def create_app(
         from glassbox.serve.endpoints import playground_diffusion, playground_vision
         from glassbox.serve.playground_page import page_router
 
+        served_vlms = {
+            n: playground_vision.VisionRun(sm.vision, sm.tokenizer)
+            for n, sm in models.items() if sm.vision is not None
+        }  # fmt: skip
         app.state.playground = playground_api.PlaygroundConfig(
-            Path(arena_dir), diffusion or {}, vision or {}
+            Path(arena_dir), diffusion or {}, served_vlms | (vision or {})
         )
         for router in (playground_api, playground_diffusion, playground_vision):
             app.include_router(router.router)

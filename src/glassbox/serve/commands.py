@@ -11,7 +11,10 @@ DTYPE_HELP = "Weights' precision: auto (measured on this machine), fp32, bf16 or
 
 def serve(
     checkpoints: Annotated[
-        list[str], typer.Argument(help="Checkpoint dirs to serve, as PATH or NAME=PATH.")
+        list[str],
+        typer.Argument(
+            help="Runs to serve (language, vision-language or contrastive), as PATH or NAME=PATH."
+        ),
     ],
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -65,6 +68,11 @@ def serve(
     ] = 32_768,
     max_schema_depth: Annotated[int, typer.Option(help="Nesting of a JSON schema.")] = 64,
     max_tools: Annotated[int, typer.Option(help="Tools in one chat request.")] = 128,
+    max_images: Annotated[int, typer.Option(help="image_url parts in one request.")] = 4,
+    max_image_bytes: Annotated[int, typer.Option(help="Bytes of one decoded image.")] = 512 * 1024,
+    max_image_pixels: Annotated[
+        int, typer.Option(help="Width x height of one image (checked before decoding).")
+    ] = 2048 * 2048,
     grammar_timeout: Annotated[float, typer.Option(help="Seconds to compile a grammar.")] = 10.0,
     request_timeout: Annotated[
         float, typer.Option(help="Seconds per request, arrival to last token (0 = none).")
@@ -112,7 +120,8 @@ def serve(
             max_messages=max_messages, max_prompt_chars=max_prompt_chars,
             max_logit_bias=max_logit_bias, max_stop=max_stop, max_stop_chars=max_stop_chars,
             max_schema_bytes=max_schema_bytes, max_schema_depth=max_schema_depth,
-            max_tools=max_tools,
+            max_tools=max_tools, max_images=max_images, max_image_bytes=max_image_bytes,
+            max_image_pixels=max_image_pixels,
             grammar_timeout=grammar_timeout, request_timeout=request_timeout or None,
             max_queue_wait=max_queue_wait or None,
         )  # fmt: skip

@@ -201,8 +201,10 @@ def submit(
     grammar: Grammar | None,
     rid: str,
     prompt_param: str,
+    embeds: list | None = None,
 ) -> list[RequestStream]:
-    """One engine request per prompt; on any refusal, the ones already queued are aborted."""
+    """One engine request per prompt (``embeds[i]``: prompt i's input vectors, or None);
+    on any refusal, the ones already queued are aborted."""
     params = body.sampling_params(sm.vocab_size)
     if body.n > sm.max_seqs:
         raise bad_request(
@@ -216,6 +218,7 @@ def submit(
         for i, prompt in enumerate(prompts):
             req = body.engine_request(prompt, dataclasses.replace(params), sm.stop_ids, logprobs)
             req.grammar, req.request_id = grammar, f"{rid}-{i}"
+            req.prompt_embeds = embeds[i] if embeds else None
             streams.append(sm.engine.submit(req))
     except EngineDeadError:
         for s in streams:
@@ -239,14 +242,16 @@ async def generate(
     logprobs: int | None,
     chat: bool,
     prompt_param: str,
+    embeds: list | None = None,
 ) -> Response:
-    """Run a validated request and answer it, streaming or not."""
+    """Run a validated request and answer it, streaming or not (``embeds``: per prompt,
+    input vectors for a vision-language prompt, or None)."""
     # Deadlines count from arrival (the guard's clock), tokenizing included.
     arrived = getattr(request.state, "arrived", None) or time.monotonic()
     rid = request_id_of(request)
     with state.counting_rejections(sm):
         grammar = await compile_grammar(state, sm, body)
-        streams = submit(state, sm, body, prompts, logprobs, grammar, rid, prompt_param)
+        streams = submit(state, sm, body, prompts, logprobs, grammar, rid, prompt_param, embeds)
     render = Renderer(sm, body, ("chatcmpl-" if chat else "cmpl-") + rid, chat, logprobs)
     events = Events(request, streams, state.limits, arrived)
     if body.stream:

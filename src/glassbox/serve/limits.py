@@ -32,6 +32,9 @@ class ServeLimits:
     max_schema_bytes: int = 32_768  # a guided_json/regex/choice/response_format, as JSON
     max_schema_depth: int = 64  # nesting of a JSON schema
     max_tools: int = 128  # tools in one chat request (OpenAI's limit)
+    max_images: int = 4  # image_url parts in one request (vision-language models)
+    max_image_bytes: int = 512 * 1024  # one decoded image (also under --max-body-bytes)
+    max_image_pixels: int = 2048 * 2048  # one image's width x height, read from its header
     grammar_timeout: float = 10.0  # seconds to compile one grammar
     request_timeout: float | None = 600.0  # seconds from arrival to the last token
     max_queue_wait: float | None = 120.0  # seconds from arrival to the first token

@@ -1,6 +1,9 @@
 """Served models: a checkpoint's engine, tokenizer and grammar compiler under one name.
 
 ``glassbox serve runs/base sft=runs/sft`` -> {"base": ServedModel, "sft": ServedModel}.
+A vision-language run (``glassbox vlm train``) is a ServedModel whose engine runs its
+language model and whose ``vision`` model turns image parts into prompt vectors; a
+contrastive run (``glassbox clip train``) is a :class:`ServedEncoder`, for /v1/embeddings.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from glassbox.errors import GlassboxError
 from glassbox.infer.engine import AsyncEngine, Engine
@@ -28,6 +32,8 @@ class ServedModel:
     tokenizer: Tokenizer
     compiler: GrammarCompiler
     created: int = field(default_factory=lambda: int(time.time()))
+    # A VisionLanguageModel whose .lm is the engine's model: chat requests may carry images.
+    vision: Any = None
     _token_text: dict[int, tuple[str, list[int]]] = field(default_factory=dict, repr=False)
 
     def token_text(self, token: int) -> tuple[str, list[int]]:
@@ -63,6 +69,20 @@ class ServedModel:
             raise GlassboxError("A served engine needs a tokenizer.")
         compiler = GrammarCompiler(tok, engine.vocab_size, [tok.end_id, tok.eot_id])
         return cls(name, AsyncEngine(engine, max_queue), tok, compiler)
+
+
+@dataclass
+class ServedEncoder:
+    """A contrastive image-text run served under ``name``: /v1/embeddings only."""
+
+    name: str
+    model: Any  # glassbox.vision.clip.ClipModel
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def context_length(self) -> int:
+        """Words one text may have (the text encoder's window)."""
+        return self.model.config.max_text_len
 
 
 def engine_alive(engine: AsyncEngine) -> bool:
@@ -121,19 +141,42 @@ def load_served_models(
     dtype: str = "auto",
     max_batched_tokens: int = 256,
     compile: str = "off",
-) -> dict[str, ServedModel]:
-    """``runs/base`` or ``name=runs/base`` -> ServedModel named ``base`` (or ``name``),
-    in the precision ``dtype`` chooses for each; the Engine options as documented there."""
-    models: dict[str, ServedModel] = {}
+) -> dict[str, ServedModel | ServedEncoder]:
+    """``runs/base`` or ``name=runs/base`` -> a ServedModel named ``base`` (or ``name``),
+    its language model in the precision ``dtype`` chooses; the Engine options as
+    documented there. Vision-language runs keep their image encoder in fp32 beside the
+    engine; contrastive runs become ServedEncoders."""
+    from glassbox.checkpoint import load_checkpoint
+    from glassbox.device import resolve_device
+    from glassbox.infer.precision import CHOICES, check_name, prepare_model
+
+    check_name(dtype, CHOICES, "--dtype")
+    models: dict[str, ServedModel | ServedEncoder] = {}
     for spec in specs:
         name, path = parse_model_spec(spec)
         if name in models:
             raise GlassboxError(f"Two models are named {name!r}; use NAME=PATH to rename one.")
-        model, tok, _ = load_for_decoding(
-            path, device, dtype, lambda s, n=name: print(f"{n}: {s}"), batch=max_seqs
+        loaded = load_checkpoint(path, resolve_device(device))
+        if loaded.architecture == "clip":
+            models[name] = ServedEncoder(name, loaded.model)
+            continue
+        if loaded.architecture not in ("transformer", "vlm"):
+            raise GlassboxError(
+                f"{path} holds a {loaded.architecture!r} checkpoint (stage "
+                f"{loaded.record.get('stage')!r}); serve a language model, a `glassbox vlm "
+                "train` run or a `glassbox clip train` run."
+            )
+        vision = loaded.model if loaded.architecture == "vlm" else None
+        lm = vision.lm if vision is not None else loaded.model
+        tok = loaded.tokenizer
+        lm, _ = prepare_model(
+            lm, tok, dtype, log=lambda s, n=name: print(f"{n}: {s}"), batch=max_seqs
         )
+        if vision is not None:
+            vision.lm = lm
         engine = Engine(
-            model, tok, max_seqs=max_seqs, max_batched_tokens=max_batched_tokens, compile=compile
+            lm, tok, max_seqs=max_seqs, max_batched_tokens=max_batched_tokens, compile=compile
         )
         models[name] = ServedModel.from_engine(name, engine, max_queue)
+        models[name].vision = vision
     return models

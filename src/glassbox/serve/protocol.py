@@ -199,10 +199,14 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
 
 
-class TextPart(BaseModel):
+class ContentPart(BaseModel):
+    """One part of a message's content: ``{"type": "text", "text": ...}`` or, for a
+    vision-language model, ``{"type": "image_url", "image_url": {"url": "data:..."}}``."""
+
     model_config = ConfigDict(extra="ignore")
     type: str = "text"
     text: str = ""
+    image_url: Any = None
 
 
 class FunctionCall(BaseModel):
@@ -221,22 +225,24 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message; content is text or a list of text parts. Assistant messages
-    may carry ``tool_calls``; ``role: "tool"`` messages answer one by ``tool_call_id``."""
+    """One chat message; content is text or a list of parts (text, and images for a
+    vision-language model). Assistant messages may carry ``tool_calls``; ``role: "tool"``
+    messages answer one by ``tool_call_id``."""
 
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, index: int) -> dict[str, Any]:
         """The message for glassbox.conversation ("developer" is OpenAI's newer name for
-        the system role)."""
+        the system role). Text parts are joined; a message with images keeps its parts
+        (glassbox.vision.api reads them)."""
         out: dict[str, Any] = {
             "role": "system" if self.role == "developer" else self.role,
-            "content": self.text(),
+            "content": self._content(index),
         }
         if self.role == "assistant" and self.tool_calls:
             out["tool_calls"] = [c.model_dump(exclude_none=True) for c in self.tool_calls]
@@ -244,18 +250,38 @@ class ChatMessage(BaseModel):
             out["tool_call_id"] = self.tool_call_id
         return out
 
-    def text(self) -> str:
+    def _content(self, index: int) -> str | list[dict[str, Any]]:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        for part in self.content:
-            if part.type != "text":
+        for k, part in enumerate(self.content):
+            if part.type not in ("text", "image_url"):
                 raise bad_request(
-                    f"Message content of type {part.type!r} is not supported; send text.",
-                    "messages",
+                    f"messages[{index}].content[{k}] has type {part.type!r}; this server "
+                    "reads 'text' parts, and 'image_url' parts for vision-language models.",
+                    f"messages[{index}].content[{k}].type",
                 )
+        if any(p.type == "image_url" for p in self.content):
+            return [p.model_dump(include={"type", p.type}) for p in self.content]
         return "".join(p.text for p in self.content)
+
+
+def content_chars(message: dict[str, Any]) -> int:
+    """Characters of a message's text (image parts are counted by their own caps)."""
+    content = message["content"]
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(p.get("text") or "") for p in content)
+
+
+def image_parts(messages: list[dict[str, Any]]) -> list[str]:
+    """The ``messages[i].content[k]`` path of every image part, in order."""
+    return [
+        f"messages[{i}].content[{k}]"
+        for i, m in enumerate(messages) if isinstance(m["content"], list)
+        for k, p in enumerate(m["content"]) if p["type"] == "image_url"
+    ]  # fmt: skip
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -275,7 +301,7 @@ class ChatCompletionRequest(_SamplingFields):
         if not self.messages:
             raise bad_request("messages is empty; send at least one message.", "messages")
         check_count("messages", self.messages, "messages", limits.max_messages, "max_messages")
-        messages = [m.as_dict() for m in self.messages]
+        messages = [m.as_dict(i) for i, m in enumerate(self.messages)]
         for i, m in enumerate(messages):
             if "tool_calls" in m:
                 check_constraint_size(f"messages[{i}].tool_calls", m["tool_calls"], limits)

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from glassbox.serve.errors import APIError
 from glassbox.serve.limits import ServeLimits
-from glassbox.serve.loading import ServedModel
+from glassbox.serve.loading import ServedEncoder, ServedModel
 from glassbox.serve.metrics import Metrics
 
 
@@ -27,12 +27,21 @@ class ServerState:
     grammar_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="glassbox-grammar")
     )
+    encoders: dict[str, ServedEncoder] = field(default_factory=dict)  # /v1/embeddings only
 
     def model(self, name: str) -> ServedModel:
-        """The served model called ``name``, or a 404 listing the served ones."""
+        """The generating model called ``name``; a 400 for a contrastive run (it only
+        embeds), a 404 listing the served ones for anything else."""
+        if name in self.encoders:
+            raise APIError(
+                400, f"The model {name!r} is a contrastive image-text model; it serves "
+                "/v1/embeddings, not generation. Ask one of: "
+                f"{sorted(self.models)}.", "invalid_request_error", "model", "model_not_supported",
+            )  # fmt: skip
         if name not in self.models:
             raise APIError(
-                404, f"The model {name!r} does not exist; served models: {sorted(self.models)}.",
+                404, f"The model {name!r} does not exist; served models: "
+                f"{sorted(self.models | self.encoders)}.",
                 "invalid_request_error", "model", "model_not_found",
             )  # fmt: skip
         return self.models[name]

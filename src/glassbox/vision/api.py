@@ -21,29 +21,20 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from glassbox.errors import GlassboxError
 from glassbox.serve.errors import APIError
+from glassbox.serve.limits import FLAGS, ServeLimits
 from glassbox.vision.scenes import IMAGE_SIZE, load_image
 from glassbox.vision.vlm import flatten_content_parts
 
 _DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+)?(;[^,]*)?,(.*)", re.S)
 
 
-@dataclass(frozen=True)
-class ImageLimits:
-    """Per-request caps on images (the server's defaults suit a laptop)."""
-
-    max_images: int = 4
-    max_image_bytes: int = 4 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
-
-
-def decode_data_url(url: Any, param: str, limits: ImageLimits) -> bytes:
+def decode_data_url(url: Any, param: str, limits: ServeLimits) -> bytes:
     """The bytes of a ``data:image/...;base64,`` URL; anything else is a 400 on ``param``."""
     if not isinstance(url, str) or not url:
         raise APIError(400, f"{param}.url must be a non-empty string.", param=param)
@@ -62,7 +53,8 @@ def decode_data_url(url: Any, param: str, limits: ImageLimits) -> bytes:
     if len(payload) * 3 // 4 > limits.max_image_bytes:
         raise APIError(
             400, f"{param} has about {len(payload) * 3 // 4} bytes; this server allows at most "
-            f"{limits.max_image_bytes} bytes per image. Send a smaller image.", param=param,
+            f"{limits.max_image_bytes} bytes per image ({FLAGS['max_image_bytes']}). Send a "
+            "smaller image.", param=param,
         )  # fmt: skip
     try:
         return base64.b64decode(payload, validate=True)
@@ -71,7 +63,7 @@ def decode_data_url(url: Any, param: str, limits: ImageLimits) -> bytes:
 
 
 def request_images(
-    messages: list[dict], limits: ImageLimits, image_size: int = IMAGE_SIZE
+    messages: list[dict], limits: ServeLimits, image_size: int = IMAGE_SIZE
 ) -> tuple[list[dict], list[torch.Tensor]]:
     """(plain-text messages with ``<image>`` markers, images as (3, S, S) uint8)."""
     try:
@@ -81,22 +73,28 @@ def request_images(
     if len(parts) > limits.max_images:
         raise APIError(
             400, f"messages has {len(parts)} images; this server allows at most "
-            f"{limits.max_images} per request.", param="messages",
+            f"{limits.max_images} per request ({FLAGS['max_images']}).", param="messages",
         )  # fmt: skip
-    images = []
-    for param, obj in parts:
-        url = obj.get("url") if isinstance(obj, dict) else obj
-        data = decode_data_url(url, param, limits)
-        try:
-            images.append(load_image(data, image_size, param, limits.max_image_pixels))
-        except GlassboxError as e:
-            raise APIError(400, str(e), param=param) from e
-    return flat, images
+    return flat, [decode_image(obj, param, limits, image_size) for param, obj in parts]
+
+
+def decode_image(
+    image_url: Any, param: str, limits: ServeLimits, image_size: int = IMAGE_SIZE
+) -> torch.Tensor:
+    """An ``image_url`` object (``{"url": "data:..."}``, or the URL string itself) as a
+    (3, S, S) uint8 image; a 400 on ``param`` for anything :func:`decode_data_url` or
+    Pillow refuses."""
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    data = decode_data_url(url, param, limits)
+    try:
+        return load_image(data, image_size, param, limits.max_image_pixels)
+    except GlassboxError as e:
+        raise APIError(400, str(e), param=param) from e
 
 
 @torch.no_grad()
 def chat_prompt(
-    model, tok, messages: list[dict], limits: ImageLimits
+    model, tok, messages: list[dict], limits: ServeLimits
 ) -> tuple[list[int], torch.Tensor | None]:
     """A chat request for a VLM as (prompt ids, input vectors (T, C) or None): image parts
     decoded and checked, the prompt rendered with ``<image>`` markers and spliced, the

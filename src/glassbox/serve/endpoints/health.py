@@ -15,12 +15,14 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
     """Liveness and load of every served model's engine."""
-    models = get_state(request).models
+    state = get_state(request)
+    models = state.models
     engines = {
         name: {"alive": engine_alive(sm.engine), "max_seqs": sm.max_seqs,
                **engine_counters(sm.engine)}
         for name, sm in models.items()
     }  # fmt: skip
     ok = all(e["alive"] for e in engines.values())
-    body = {"status": "ok" if ok else "unavailable", "models": sorted(models), "engines": engines}
+    served = sorted(models | state.encoders)
+    body = {"status": "ok" if ok else "unavailable", "models": served, "engines": engines}
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +18,8 @@ from pydantic import BaseModel, ConfigDict
 
 from glassbox.errors import GlassboxError
 from glassbox.serve.errors import APIError, bad_request
+from glassbox.serve.limits import ServeLimits
+from glassbox.serve.state import get_state
 
 router = APIRouter(prefix="/v1/glassbox")
 
@@ -71,28 +71,14 @@ class VisionRequest(BaseModel):
     seed: int | None = None
 
 
-def decode_data_url(url: str) -> bytes:
-    """'data:image/png;base64,....' -> the bytes; a 400 naming ``image`` otherwise."""
-    head, comma, data = url.partition(",")
-    if not comma or not head.startswith("data:") or not head.endswith(";base64"):
-        raise bad_request("image must be a data URL: data:image/png;base64,...", "image")
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise bad_request(f"image is not valid base64 ({e}).", "image") from None
-
-
-def ask(run: VisionRun, body: VisionRequest) -> dict:
+def ask(run: VisionRun, body: VisionRequest, limits: ServeLimits) -> dict:
     """The answer, with the prompt's size and the time to the first token."""
-    from glassbox.vision.scenes import load_image
+    from glassbox.vision.api import decode_image
     from glassbox.vision.vlm import IMAGE_MARKER, answer, prompt_ids
 
     pixels = []
     if body.image is not None:
-        try:
-            pixels = [load_image(decode_data_url(body.image), run.image_size, name="image")]
-        except GlassboxError as e:
-            raise bad_request(str(e), "image") from None
+        pixels = [decode_image(body.image, "image", limits, run.image_size)]
     messages = [{"role": "user", "content": IMAGE_MARKER + "\n" + body.question if pixels
                  else body.question}]  # fmt: skip
     t0 = time.perf_counter()
@@ -134,4 +120,4 @@ async def vision(body: VisionRequest, request: Request) -> dict:
                           "temperature")  # fmt: skip
     if body.seed is not None and not 0 <= body.seed < 2**63:
         raise bad_request(f"seed={body.seed} is out of range; use [0, 2**63).", "seed")
-    return await asyncio.to_thread(ask, runs[body.run], body)
+    return await asyncio.to_thread(ask, runs[body.run], body, get_state(request).limits)
