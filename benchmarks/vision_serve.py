@@ -1,8 +1,8 @@
 """Images through the server: time to first token of a chat question with one image vs
 the same question without it, and /v1/embeddings rates for images vs captions.
 
-A live server (uvicorn on 127.0.0.1, the app `glassbox serve VLM CLIP` builds) and the
-official `openai` client, streaming, one request at a time, so the time to first token
+A live server (`glassbox serve vlm=VLM clip=CLIP` in a subprocess) and the official
+`openai` client, streaming, one request at a time, so the time to first token
 is the whole path: HTTP, base64 + PNG decoding, the ViT and projector on a worker thread,
 the engine's prefill with the prompt's input vectors, the first sampled token, SSE.
 The no-image request is the baseline: the ratio is what looking costs.
@@ -16,6 +16,7 @@ import argparse
 import base64
 import io
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
+from serve_concurrent import wait_ready  # noqa: E402
 
 
 def scene_urls(n: int) -> list[tuple[str, str]]:
@@ -61,16 +63,15 @@ def main() -> None:
     p.add_argument("--clip", required=True, help="a `glassbox clip train` run")
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--port", type=int, default=8765)
     args = p.parse_args()
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "serve"))
-    from conftest import start_server  # the tests' uvicorn-in-a-thread helper
-
-    from glassbox.serve.app import create_app, load_served_models
-
     print(describe())
-    models = load_served_models([f"vlm={args.vlm}", f"clip={args.clip}"], "cpu", 4, 64, args.dtype)
-    srv = start_server(create_app(models))
-    client = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0)
+    cmd = [sys.executable, "-m", "glassbox.cli", "serve", f"vlm={args.vlm}", f"clip={args.clip}",
+           "--port", str(args.port), "--dtype", args.dtype]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{args.port}"
+    wait_ready(base, proc)
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
     try:
         items = scene_urls(args.repeats)
         with_img = lambda u, q: [  # noqa: E731
@@ -103,7 +104,8 @@ def main() -> None:
         print(f"/v1/embeddings, 4 inputs a request: {rates['images']:.0f} images/s, "
               f"{rates['captions']:.0f} captions/s ({ratio:.2f}x)")  # fmt: skip
     finally:
-        srv.stop()
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

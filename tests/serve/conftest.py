@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -98,6 +100,13 @@ def wait_for(cond, timeout: float = 10.0) -> bool:
 @pytest.fixture
 def free_port_number() -> int:
     return free_port()
+
+
+@pytest.fixture(scope="session")
+def glassbox_cli() -> str:
+    """The installed `glassbox` command (the venv's, when tests run from one)."""
+    exe = Path(sys.executable).parent / "glassbox"
+    return str(exe) if exe.exists() else shutil.which("glassbox")
 
 
 def slow_down(srv, seconds: float) -> None:

@@ -8,9 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -112,26 +110,21 @@ def test_model_specs_with_equals_signs(tiny_ckpt, tmp_path):
     assert sorted(models) == ["lr=3e-4", "two"]
 
 
-def glassbox_cli() -> str:
-    exe = Path(sys.executable).parent / "glassbox"
-    return str(exe) if exe.exists() else shutil.which("glassbox")
-
-
-def test_cli_refuses_unsafe_setups(tiny_ckpt):
+def test_cli_refuses_unsafe_setups(tiny_ckpt, glassbox_cli):
     env = {k: v for k, v in os.environ.items() if k != "GLASSBOX_API_KEY"}
     p = subprocess.run(  # an empty key is refused by create_app (tested above)
-        [glassbox_cli(), "serve", str(tiny_ckpt), "--port", "1", "--host", "0.0.0.0"],
+        [glassbox_cli, "serve", str(tiny_ckpt), "--port", "1", "--host", "0.0.0.0"],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "no API key is set" in p.stdout + p.stderr
 
 
-def test_cli_key_from_environment_and_sigterm_drain(tiny_ckpt, free_port_number):
+def test_cli_key_from_environment_and_sigterm_drain(tiny_ckpt, free_port_number, glassbox_cli):
     port = free_port_number
     env = {**os.environ, "GLASSBOX_API_KEY": KEY}
     proc = subprocess.Popen(
-        [glassbox_cli(), "serve", str(tiny_ckpt), "--port", str(port), "--device", "cpu"],
+        [glassbox_cli, "serve", str(tiny_ckpt), "--port", str(port), "--device", "cpu"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

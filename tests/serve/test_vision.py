@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import time
 
 import numpy as np
 import openai
@@ -186,3 +188,36 @@ def test_contrastive_embeddings_share_one_space(client, runs):
 def test_embedding_errors_name_the_field(client, model, inputs, param, words):
     err = _bad_request(lambda: client.embeddings.create(model=model, input=inputs))
     assert err.body["param"] == param and words in err.body["message"]
+
+
+def test_glassbox_serve_cli_serves_both_runs(runs, free_port_number, glassbox_cli):
+    """`glassbox serve VLM CLIP` as the README shows it, in a subprocess."""
+    import httpx
+
+    port = free_port_number
+    cmd = [glassbox_cli, "serve", f"vlm={runs['vlm']}", f"clip={runs['clip']}", "--port",
+           str(port), "--device", "cpu", "--dtype", "fp32", "--max-images", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        url = data_url(scene((220, 30, 30)))
+        r = ask(client, url, max_tokens=3, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 10
+        two = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 2}]
+        err = _bad_request(lambda: client.chat.completions.create(model="vlm", messages=two))
+        assert "--max-images" in err.body["message"]
+        emb = client.embeddings.create(model="clip", input="a red circle", encoding_format="float")
+        assert len(emb.data[0].embedding) == 8
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
