@@ -82,6 +82,9 @@ def evaluate(
     batch_size: int = typer.Option(256, help="images per forward pass"),
     seed: int = typer.Option(0, help="seed of prompts and noise"),
     classifier_steps: int = typer.Option(600, help="training steps of the judging classifier"),
+    prompts: str = typer.Option(
+        "train", help="train (as in training) or combos (pairs builtin:shapes-holdout leaves out)"
+    ),
     out: Path | None = typer.Option(None, help="output folder (default RUN_DIR/eval)"),
     device: str = typer.Option("auto", help="auto, cpu or cuda"),
 ) -> None:
@@ -98,6 +101,7 @@ def evaluate(
         out=out,
         device=device,
         classifier_steps=classifier_steps,
+        prompts=prompts,
     )
     typer.echo(result.markdown)
     typer.echo(f"wrote {result.out_dir}")

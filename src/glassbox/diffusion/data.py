@@ -4,6 +4,9 @@
   supersampled, then box-filtered down, so edges are anti-aliased). Every image has
   a shape, colour, size and position, and captions such as "a small green triangle at
   the top". Nothing is downloaded: the set is a function of its seed.
+* ``builtin:shapes-holdout`` -- the same, except that three colour+shape pairs (red
+  cross, blue triangle, yellow square: ``builtin:scenes``' held-out pairs) never appear,
+  so ``diffuse eval --prompts combos`` can ask for combinations the model never saw.
 * ``builtin:digits`` -- scikit-learn's 1797 handwritten 8x8 digits (they ship inside
   the package), upsampled bilinearly; class-conditioned on the digit.
 * a folder (``path`` or ``folder:path``) with ``captions.jsonl`` or ``captions.csv``:
@@ -43,6 +46,9 @@ POSITIONS = {  # name -> (phrase, centre as a fraction of the canvas)
     "bottom": ("at the bottom", (0.50, 0.70)),
     "center": ("in the center", (0.50, 0.50)),
 }
+# builtin:shapes-holdout leaves these colour+shape pairs out (the pairs builtin:scenes
+# holds out, so a contrastive run on scenes has not seen them either).
+HELDOUT_COMBOS = (("red", "cross"), ("blue", "triangle"), ("yellow", "square"))
 SHAPE_ATTRIBUTES = {
     "shape": SHAPES,
     "colour": list(COLOURS),
@@ -62,6 +68,7 @@ class ImageSet:
     # Ground truth for the evaluation classifier: (N, A) ids, one column per attribute.
     attributes: torch.Tensor | None = None
     attribute_names: dict[str, list[str]] = field(default_factory=dict)
+    heldout_combos: tuple[tuple[str, str], ...] = ()  # (colour, shape) pairs never shown
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -113,8 +120,11 @@ def render_shape(
     return big.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def make_shapes(n: int, image_size: int = 16, seed: int = 0) -> ImageSet:
-    """``n`` random shapes with four caption variants each (size/position said or not)."""
+def make_shapes(
+    n: int, image_size: int = 16, seed: int = 0, exclude: tuple[tuple[str, str], ...] = ()
+) -> ImageSet:
+    """``n`` random shapes with four caption variants each (size/position said or not);
+    no image shows a (colour, shape) pair of ``exclude`` (they are redrawn)."""
     if n < 1:
         raise GlassboxError(f"The shapes data set needs at least 1 image, got n={n}.")
     rng = random.Random(seed)
@@ -123,6 +133,8 @@ def make_shapes(n: int, image_size: int = 16, seed: int = 0) -> ImageSet:
     captions = []
     for i in range(n):
         a = [rng.randrange(len(v)) for v in SHAPE_ATTRIBUTES.values()]
+        while (list(COLOURS)[a[1]], SHAPES[a[0]]) in exclude:
+            a = [rng.randrange(len(v)) for v in SHAPE_ATTRIBUTES.values()]
         shape, colour = SHAPES[a[0]], list(COLOURS)[a[1]]
         size, position = SIZES[a[2]], list(POSITIONS)[a[3]]
         frac = (0.30, 0.36) if size == "small" else (0.52, 0.60)
@@ -145,7 +157,8 @@ def make_shapes(n: int, image_size: int = 16, seed: int = 0) -> ImageSet:
             ]
         )
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
-    return ImageSet(x, captions=captions, attributes=attrs, attribute_names=SHAPE_ATTRIBUTES)
+    return ImageSet(x, captions=captions, attributes=attrs, attribute_names=SHAPE_ATTRIBUTES,
+                    heldout_combos=tuple(exclude))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,21 +255,24 @@ def load_folder(folder: Path, image_size: int, split: str, channels: int = 3) ->
 
 
 def load_data(spec: str, split: str = "train", image_size: int = 16, n: int = 20000) -> ImageSet:
-    """``builtin:shapes``, ``builtin:digits``, or a folder; ``split`` is train or heldout."""
+    """``builtin:shapes[-holdout]``, ``builtin:digits``, or a folder; ``split`` is train
+    or heldout."""
     if split not in ("train", "heldout"):
         raise GlassboxError(f"split must be 'train' or 'heldout', got {split!r}.")
-    if spec == "builtin:shapes":
+    if spec in ("builtin:shapes", "builtin:shapes-holdout"):
         # Held-out shapes come from a different seed: new images, same distribution.
         return make_shapes(
             n if split == "train" else max(1, n // 10),
             image_size,
             seed=0 if split == "train" else 1,
+            exclude=HELDOUT_COMBOS if spec.endswith("-holdout") else (),
         )
     if spec == "builtin:digits":
         return make_digits(split, image_size)
     if spec.startswith("builtin:"):
         raise GlassboxError(
-            f"Unknown data set {spec!r}; use builtin:shapes, builtin:digits, or a folder with "
+            f"Unknown data set {spec!r}; use builtin:shapes, builtin:shapes-holdout, "
+            "builtin:digits, or a folder with "
             "captions.jsonl / captions.csv."
         )
     folder = Path(spec.removeprefix("folder:"))

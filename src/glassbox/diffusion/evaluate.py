@@ -165,23 +165,56 @@ def parse_guidance(spec: str) -> list[float]:
     return values
 
 
-def eval_conditions(data: ImageSet, num: int, seed: int) -> tuple[list, torch.Tensor]:
-    """Prompts (or labels) to generate, and the attribute ids each one requests."""
+PROMPT_SETS = ("train", "combos")
+
+
+def eval_conditions(
+    data: ImageSet, num: int, seed: int, prompts: str = "train"
+) -> tuple[list, torch.Tensor]:
+    """Prompts (or labels) to generate, and the attribute ids each one requests.
+
+    ``prompts="train"``: random attributes as in training (without the held-out
+    colour+shape pairs of ``builtin:shapes-holdout``); ``"combos"``: only those pairs."""
+    if prompts not in PROMPT_SETS:
+        raise GlassboxError(f"--prompts {prompts!r}: use one of {', '.join(PROMPT_SETS)}.")
+    if prompts == "combos" and not data.heldout_combos:
+        raise GlassboxError(
+            "--prompts combos needs a model trained on data with held-out colour+shape "
+            "pairs (builtin:shapes-holdout); this one saw every pair."
+        )
     g = torch.Generator().manual_seed(seed)
     if data.captions is not None:  # builtin:shapes: full captions, random attributes
         names = data.attribute_names
-        wanted = torch.stack(
-            [torch.randint(0, len(v), (num,), generator=g) for v in names.values()], dim=1
-        )
+        wanted = _draw_attributes(names, num, g)
+        if data.heldout_combos:
+            keys = list(names)
+            held = [(names["colour"].index(c), names["shape"].index(s))
+                    for c, s in data.heldout_combos]  # fmt: skip
+            if prompts == "combos":
+                pick = torch.randint(0, len(held), (num,), generator=g)
+                wanted[:, keys.index("colour")] = torch.tensor([held[i][0] for i in pick])
+                wanted[:, keys.index("shape")] = torch.tensor([held[i][1] for i in pick])
+            else:  # redraw held-out pairs until every prompt is a pair seen in training
+                pairs = wanted[:, [keys.index("colour"), keys.index("shape")]]
+                bad = torch.tensor([tuple(p) in held for p in pairs.tolist()], dtype=torch.bool)
+                while bad.any():
+                    wanted[bad] = _draw_attributes(names, int(bad.sum()), g)
+                    pairs = wanted[:, [keys.index("colour"), keys.index("shape")]]
+                    bad = torch.tensor([tuple(p) in held for p in pairs.tolist()])
         shapes, colours, positions = names["shape"], names["colour"], names["position"]
-        prompts = [
+        texts = [
             shape_caption(shapes[s], colours[c], SIZES[z], positions[p])
             for s, c, z, p in wanted.tolist()
         ]
-        return prompts, wanted
+        return texts, wanted
     k = len(data.class_names)
     wanted = (torch.arange(num) % k)[:, None]
     return wanted[:, 0].tolist(), wanted
+
+
+def _draw_attributes(names: dict[str, list[str]], num: int, g: torch.Generator) -> torch.Tensor:
+    """(num, A) uniformly random attribute ids."""
+    return torch.stack([torch.randint(0, len(v), (num,), generator=g) for v in names.values()], 1)
 
 
 @dataclass
@@ -203,8 +236,13 @@ def evaluate_run(
     out: str | Path | None = None,
     device: str | None = None,
     classifier_steps: int = 600,
+    prompts: str = "train",
 ) -> EvalResult:
-    """Generate ``num`` images per cell, score them, write results.json/.md and a plot."""
+    """Generate ``num`` images per cell, score them, write results.json/.md and a plot.
+
+    ``prompts``: "train" (the training distribution) or "combos" (the colour+shape pairs
+    a ``builtin:shapes-holdout`` model never saw). The judge is always trained on every
+    pair (``builtin:shapes`` for a holdout run), so it can recognise the held-out ones."""
     if num < 2:
         raise GlassboxError(f"--num {num} is too small: the Frechet distance needs >= 2 images.")
     dev = resolve_device(device)
@@ -216,7 +254,12 @@ def evaluate_run(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     train = load_data(tcfg["data"], "train", tcfg["image_size"], tcfg["num_images"])
-    heldout = load_data(tcfg["data"], "heldout", tcfg["image_size"], tcfg["num_images"])
+    conds, wanted = eval_conditions(train, num, seed, prompts)
+    # The judge learns every colour+shape pair, those a holdout run never saw included.
+    judge_data = "builtin:shapes" if train.heldout_combos else tcfg["data"]
+    if judge_data != tcfg["data"]:
+        train = load_data(judge_data, "train", tcfg["image_size"], tcfg["num_images"])
+    heldout = load_data(judge_data, "heldout", tcfg["image_size"], tcfg["num_images"])
     if train.attributes is None:
         raise GlassboxError(
             f"{tcfg['data']} has captions but no labels: eval needs builtin:shapes, "
@@ -225,7 +268,6 @@ def evaluate_run(
     clf, clf_acc = _cached_classifier(out_dir, train, heldout, classifier_steps)
     real_feats = features(clf, heldout.images)
 
-    conds, wanted = eval_conditions(train, num, seed)
     names = train.attribute_names
     g = torch.Generator().manual_seed(seed + 1)
     ref = train.images[torch.randperm(len(train), generator=g)[:num]]
@@ -249,7 +291,7 @@ def evaluate_run(
             nrow = 8 if train.captions is not None else len(train.class_names)
             grid = to_pil(imgs[: 4 * nrow], nrow=nrow)
             save_png(grid, out_dir / "grids" / f"{sampler}{steps}_g{scale:g}.png")
-            _save(out_dir, rows, clf_acc, raw)  # partial results survive an interruption
+            _save(out_dir, rows, clf_acc, raw, prompts)  # partial results survive interruption
 
     headline = "shape+colour" if "shape+colour" in clf_acc else list(names)[0]
     md = _markdown(rows, samplers, guidance, headline, list(clf_acc), num, len(real_feats))
@@ -276,9 +318,9 @@ def _cached_classifier(
     return clf, acc
 
 
-def _save(out_dir: Path, rows: list[dict], clf_acc: dict, raw: dict) -> None:
-    save_json({"rows": rows, "classifier_heldout_accuracy": clf_acc, "run": raw["train"]},
-              out_dir / "results.json")  # fmt: skip
+def _save(out_dir: Path, rows: list[dict], clf_acc: dict, raw: dict, prompts: str) -> None:
+    save_json({"rows": rows, "classifier_heldout_accuracy": clf_acc, "run": raw["train"],
+               "prompts": prompts}, out_dir / "results.json")  # fmt: skip
 
 
 def _markdown(rows, samplers, guidance, headline, keys, num, n_real) -> str:

@@ -19,6 +19,7 @@ from glassbox.errors import GlassboxError
 
 PAD, BOS = "<pad>", "<bos>"
 _WORD = re.compile(r"[a-z0-9]+")
+NEVER_SEEN = "this model never saw in training"
 
 
 def words(text: str) -> list[str]:
@@ -29,12 +30,13 @@ def words(text: str) -> list[str]:
 class Vocabulary:
     """Word <-> id. Id 0 pads, id 1 starts every prompt (so the empty prompt has one token)."""
 
-    def __init__(self, tokens: list[str], max_length: int = 16):
+    def __init__(self, tokens: list[str], max_length: int = 16, known: str = NEVER_SEEN):
         if tokens[:2] != [PAD, BOS]:
             raise GlassboxError("A vocabulary must start with the <pad> and <bos> tokens.")
         self.tokens = list(tokens)
         self.index = {w: i for i, w in enumerate(self.tokens)}
         self.max_length = max_length
+        self.known = known  # completes "The prompt ... has words ..." in the unknown-word error
 
     @classmethod
     def build(cls, captions: Iterable[str], max_length: int = 16) -> Vocabulary:
@@ -51,7 +53,7 @@ class Vocabulary:
         if unknown:
             known = " ".join(self.tokens[2:])
             raise GlassboxError(
-                f"The prompt {prompt!r} has words this model never saw in training: "
+                f"The prompt {prompt!r} has words {self.known}: "
                 f"{', '.join(repr(w) for w in unknown)}. Use only these words: {known}"
             )
         if len(ws) + 1 > self.max_length:
@@ -110,3 +112,34 @@ class TextEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return self.norm(x), mask
+
+
+class ClipTextEncoder(nn.Module):
+    """The text tower of a ``glassbox clip train`` run, read per token: ids -> states.
+
+    The same :class:`glassbox.model.Transformer` (causal, RoPE, final RMSNorm) that the
+    contrastive model reads captions with, built by :class:`glassbox.vision.clip.ClipModel`
+    so its shape is the contrastive run's; its weights come from that run (copied in by
+    :func:`glassbox.diffusion.model.load_clip_text`) and are saved in the diffusion run.
+    ``prefix`` words (the contrastive captions' "a photo of") are put after <bos>, so the
+    encoder reads prompts the way it read its training captions.
+    """
+
+    def __init__(
+        self, vocab: list[str], max_length: int, dim: int, layers: int, heads: int, prefix: str
+    ):
+        super().__init__()
+        from glassbox.vision.clip import ClipConfig, ClipModel  # vision imports this module
+
+        cfg = ClipConfig(text_dim=dim, text_layers=layers, text_heads=heads,
+                         max_text_len=max_length, vocab=tuple(vocab))  # fmt: skip
+        self.transformer = ClipModel(cfg).text  # the text tower only; the ViT is dropped
+        ids = Vocabulary(vocab, max_length).encode(prefix)[1:]
+        self.register_buffer("prefix", torch.tensor(ids, dtype=torch.long), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (B, L) = [<bos>, words..., <pad>...] -> states (B, L', dim), mask (B, L')."""
+        n = int((ids != 0).sum(1).max())  # causal and masked: trailing padding changes nothing
+        pre = self.prefix.to(ids.device).expand(ids.shape[0], -1)  # (B, P)
+        ids = torch.cat([ids[:, :1], pre, ids[:, 1:n]], dim=1)  # (B, 1 + P + n - 1)
+        return self.transformer.hidden(ids), ids != 0

@@ -33,7 +33,14 @@ from glassbox.checkpoint import (
 )
 from glassbox.device import autocast
 from glassbox.diffusion.data import ImageSet, load_data
-from glassbox.diffusion.model import Denoiser, DiffusionConfig, TextConfig, num_parameters
+from glassbox.diffusion.model import (
+    Denoiser,
+    DiffusionConfig,
+    TextConfig,
+    clip_text_config,
+    load_clip_text,
+    num_parameters,
+)
 from glassbox.diffusion.pipeline import DiffusionPipeline, save_png, to_pil
 from glassbox.diffusion.schedulers import NoiseSchedule, SchedulerConfig
 from glassbox.diffusion.text import Vocabulary
@@ -93,6 +100,10 @@ class DiffusionTrainConfig:
     """Continue the run in --out from its newest snapshot."""
     unet: dict = field(default_factory=dict)
     """Overrides of the preset's U-Net, as JSON: '{"channels": 16}'."""
+    text_encoder: str = ""
+    """Prompt encoder: empty = its own, trained with it; clip:RUN = a clip run's text encoder."""
+    freeze_text_encoder: bool = True
+    """With --text-encoder clip:RUN: keep its weights fixed (the U-Net learns to read them)."""
 
     def validate(self) -> None:
         checks = [
@@ -149,6 +160,17 @@ def build_model_config(cfg: DiffusionTrainConfig, data: ImageSet) -> DiffusionCo
         unet = UNetConfig(image_size=cfg.image_size, in_channels=channels, **overrides)
     except TypeError as e:
         raise GlassboxError(f"--unet {cfg.unet}: {e}; see UNetConfig for the fields.") from e
+    if data.conditioning == "text" and cfg.text_encoder:
+        captions = [c for caps in data.captions for c in caps]
+        clip_text = clip_text_config(cfg.text_encoder, captions, cfg.freeze_text_encoder)
+        unet.context_dim = clip_text.dim  # cross-attention reads its states directly
+        return DiffusionConfig(
+            unet=unet, scheduler=SchedulerConfig(), text=None, data=cfg.data, clip_text=clip_text
+        )
+    if cfg.text_encoder:
+        raise GlassboxError(
+            f"--text-encoder applies to captioned data; {cfg.data} is class-conditioned."
+        )
     if data.conditioning == "text":
         text = TextConfig()
         vocab = Vocabulary.build([c for caps in data.captions for c in caps], text.max_length)
@@ -178,7 +200,7 @@ def preview_conditions(model: Denoiser, data: ImageSet) -> list[str] | list[int]
     up to 16 of the training captions (so every word is in the vocabulary), or classes."""
     if model.text is None:
         return [i % model.num_classes for i in range(2 * model.num_classes)]
-    if model.config.data == "builtin:shapes":
+    if model.config.data.startswith("builtin:shapes"):
         return [
             f"a {c} {s}"
             for c in ("red", "green", "blue", "yellow")
@@ -245,7 +267,10 @@ def train(cfg: DiffusionTrainConfig, explicit: set[str] | None = None, quiet: bo
     torch.manual_seed(cfg.seed)
     data = load_data(cfg.data, "train", cfg.image_size, cfg.num_images)
     mcfg = build_model_config(cfg, data)
-    model = Denoiser(mcfg).to(dev)
+    model = Denoiser(mcfg)
+    if mcfg.clip_text is not None:
+        load_clip_text(model, cfg.text_encoder)
+    model = model.to(dev)
     ema = EMA(model, cfg.ema_decay)
     (opt,) = build_optimizers(
         model, "adamw", cfg.lr, (0.9, 0.99), cfg.weight_decay, hidden_prefix="unet."
