@@ -11,13 +11,15 @@
    vs batch 64), and time to first token of a question with one image vs the same
    question without an image.
 
-Either training stage is skipped when its run directory already holds a model
-(``--clip`` / ``--vlm`` to reuse runs).
+Either training stage is skipped when its run directory already holds a model;
+``--clip-run DIR`` uses an existing contrastive run instead of OUT/clip, and
+``--vlm-option KEY=VALUE`` (repeatable) sets any `glassbox vlm train` option.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -109,6 +111,27 @@ def speed(clip_run: Path, vlm_run: Path) -> dict:
     }
 
 
+def vlm_options(pairs: list[str]) -> dict:
+    """KEY=VALUE strings -> VLMTrainConfig fields, typed like the fields' defaults."""
+    fields = {f.name: f for f in dataclasses.fields(VLMTrainConfig)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        key = key.replace("-", "_")
+        if key not in fields or not _:
+            raise SystemExit(f"--vlm-option {pair!r}: use KEY=VALUE with a vlm train option.")
+        default = fields[key].default
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            out[key] = type(default)(value)
+        elif default is None and value.replace(".", "", 1).isdigit():
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out
+
+
 def _budget(row: dict) -> str:
     wall, cpu = row.get("wall_minutes", float("nan")), row.get("cpu_minutes", float("nan"))
     return f"{row.get('step')} steps, {wall:.1f} min wall, {cpu:.1f} CPU-min"
@@ -127,12 +150,23 @@ def main() -> None:
     p.add_argument("--qa-limit", type=int, default=200, help="held-out questions per type")
     p.add_argument("--png", default="docs/img/multimodal-space.png")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
+    p.add_argument("--clip-run", help="an existing `glassbox clip train` run to use")
+    p.add_argument(
+        "--vlm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a `glassbox vlm train` option, e.g. features=stem+last",
+    )
     args = p.parse_args()
     print(describe())
     out = Path(args.out)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    clip_run, vlm_run = out / "clip", out / "vlm"
+    clip_run = Path(args.clip_run) if args.clip_run else out / "clip"
+    vlm_run = out / "vlm"
+    if args.clip_run and not (clip_run / "model.safetensors").is_file():
+        raise SystemExit(f"--clip-run {clip_run} holds no model.safetensors.")
     clip_row = train_or_reuse(clip_run, train_clip, ClipTrainConfig(
         out=str(clip_run), max_steps=args.clip_steps, max_minutes=args.clip_minutes,
         num_images=args.num_images,
@@ -141,16 +175,20 @@ def main() -> None:
     vlm_row = train_or_reuse(vlm_run, train_vlm, VLMTrainConfig(
         base=args.lm, vision=str(clip_run), out=str(vlm_run), max_steps=args.vlm_steps,
         max_minutes=args.vlm_minutes, num_images=args.num_images,
+        **vlm_options(args.vlm_option),
     ))  # fmt: skip
     loaded = ckpt.load_checkpoint(vlm_run)
     held = make_scenes(args.eval_scenes, "heldout")
     seen = evaluate_qa(loaded.model, loaded.tokenizer, held, args.qa_limit, with_image=True)
     blind = evaluate_qa(loaded.model, loaded.tokenizer, held, args.qa_limit, with_image=False)
+    seen_train = evaluate_qa(loaded.model, loaded.tokenizer, make_scenes(args.eval_scenes, "train"),
+                             args.qa_limit)  # fmt: skip
     combos = make_scenes(args.eval_scenes, "combos")
     seen_combos = evaluate_qa(loaded.model, loaded.tokenizer, combos, args.qa_limit)
     s = speed(clip_run, vlm_run)
     result = {"clip": q, "clip_train": clip_row, "vlm_train": vlm_row,
               "qa_image": seen, "qa_no_image": blind, "qa_image_combos": seen_combos,
+              "qa_image_train_scenes": seen_train, "vlm_options": args.vlm_option,
               "speed": s}  # fmt: skip
     (out / "multimodal.json").write_text(json.dumps(result, indent=2) + "\n")
 
@@ -164,11 +202,13 @@ def main() -> None:
         print(f"| {split} (single-object n={z['n_single']}) | "
               + " | ".join(f"{c:.3f}" for c in cells) + " |")  # fmt: skip
     print(f"\nVLM: {_budget(vlm_row)}; greedy exact match, <= {args.qa_limit} per type")
-    print("| question type | with image | no image (same model) | with image, held-out pairs |")
-    print("|---|---:|---:|---:|")
+    print("| question type | with image | no image (same model) | with image, held-out pairs "
+          "| with image, training scenes |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|")
+    nan = float("nan")
     for kind in seen:
-        print(f"| {kind} | {seen[kind]:.3f} | {blind.get(kind, float('nan')):.3f} | "
-              f"{seen_combos.get(kind, float('nan')):.3f} |")  # fmt: skip
+        print(f"| {kind} | {seen[kind]:.3f} | {blind.get(kind, nan):.3f} | "
+              f"{seen_combos.get(kind, nan):.3f} | {seen_train.get(kind, nan):.3f} |")  # fmt: skip
     one, many = s["encode_images_per_s_batch1"], s["encode_images_per_s_batch64"]
     print(f"\nimage encoder: {one:.0f} images/s at batch 1, {many:.0f} images/s at batch 64 "
           f"(ratio {many / one:.1f}x)")  # fmt: skip

@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from glassbox.diffusion.data import COLOURS
 from glassbox.errors import GlassboxError
 from glassbox.vision.scenes import (
+    CELL_NAMES,
     HELDOUT_COMBOS,
     QUESTION_TYPES,
     load_image,
@@ -73,6 +75,23 @@ def test_questions_are_true_of_the_scene(scenes):
                 assert (q.answer == "yes") == any(
                     (o.colour, o.shape) == (c, s) for o in scene.objects
                 )
+
+
+def test_cell_questions_match_the_pixels(scenes):
+    asked = 0
+    for img, qa in zip(scenes.images, scenes.qa, strict=True):
+        for q in (q for q in qa if q.kind == "cell"):
+            phrase = q.question.removeprefix("What is ").removesuffix("?")
+            col, row = next(c for c, name in CELL_NAMES.items() if name == phrase)
+            block = img[:, 16 * row : 16 * row + 16, 16 * col : 16 * col + 16]  # (3, 16, 16)
+            if q.answer == "nothing":
+                assert block.max() == 0
+            else:
+                centre = block[:, 8, 8].numpy().astype(int)
+                nearest = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - centre).sum())
+                assert q.answer.split()[1] == nearest
+            asked += 1
+    assert asked > 100  # every scene of 2-4 objects has one
 
 
 def test_caption_keys_match_what_captions_say(scenes):

@@ -128,3 +128,58 @@ def test_vlm_resume_is_exact(lm_run, clip_run, tmp_path):
     a = ckpt.load_tensors(full / "model.safetensors")
     b = ckpt.load_tensors(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stem_states_are_local_and_blocks_mix_them():
+    from glassbox.vision.clip import ClipConfig, ViT
+
+    torch.manual_seed(0)
+    vit = ViT(ClipConfig(vision_dim=32, vision_layers=1, text_dim=32, embed_dim=16)).eval()
+    x = make_scenes(1, "heldout").floats()
+    y = x.clone()
+    y[..., 17:21, 17:21] = 1.0  # pixels only patch (2, 2)'s stem sees (index 1 + 2*6 + 2)
+    with torch.no_grad():
+        moved = (vit.embed(x) - vit.embed(y)).abs().amax(-1)[0]  # (1 + 36,)
+        mixed = (vit(x) - vit(y)).abs().amax(-1)[0]
+    assert moved.nonzero().flatten().tolist() == [15]
+    assert (mixed > 0).sum() > 1  # attention spreads the change
+
+
+@pytest.mark.parametrize(
+    ("features", "cls_token"), [("last", True), ("stem+last", True), ("stem", False)]
+)
+def test_feature_options_round_trip(lm_run, clip_run, tmp_path, features, cls_token):
+    import json
+
+    from glassbox.vision.train import VLMTrainConfig, train_vlm
+
+    out = tmp_path / "run"
+    train_vlm(VLMTrainConfig(
+        base=lm_run, vision=clip_run, out=str(out), num_images=64, batch_size=4, max_steps=1,
+        eval_interval=1, eval_limit=1, device="cpu", features=features, cls_token=cls_token,
+    ))  # fmt: skip
+    model = ckpt.load_checkpoint(out).model
+    assert (model.features, model.cls_token) == (features, cls_token)
+    assert model.image_tokens == int(cls_token) + 9
+    x = make_scenes(2, "heldout").floats()
+    assert model.encode_images(x).shape == (2, model.image_tokens, model.lm.cfg.d_model)
+    if features == "last":  # a run from before these options loads as what it was
+        record = json.loads((out / "config.json").read_text())
+        del record["features"], record["cls_token"]
+        (out / "config.json").write_text(json.dumps(record))
+        old = ckpt.load_checkpoint(out).model
+        assert (old.features, old.cls_token, old.image_tokens) == ("last", True, 10)
+        assert torch.equal(old.encode_images(x), model.encode_images(x))
+
+
+def test_answer_loss_token_and_example_averages():
+    from glassbox.vision.train import answer_loss
+
+    logits = torch.randn(2, 4, 5)
+    targets = torch.tensor([[1, -100, -100, -100], [2, 3, 4, -100]])
+    per = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    a, b = per[0, 0], per[1, :3]
+    token = answer_loss(logits, targets, "token")
+    example = answer_loss(logits, targets, "example")
+    assert token.item() == pytest.approx(((a + b.sum()) / 4).item(), rel=1e-6)
+    assert example.item() == pytest.approx(((a + b.mean()) / 2).item(), rel=1e-6)

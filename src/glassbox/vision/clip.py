@@ -120,11 +120,15 @@ class ViT(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, cfg.vision_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.vision_dim)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 1 + N, dim): the blocks' input ([CLS] and the
+        stem's patch vectors, plus positions). Each patch vector sees only its own pixels."""
+        p = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim)
+        return torch.cat([self.cls.expand(p.shape[0], -1, -1), p], dim=1) + self.pos
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 1 + N, dim): [CLS] first, then patches row-major."""
-        p = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim)
-        h = torch.cat([self.cls.expand(p.shape[0], -1, -1), p], dim=1) + self.pos
-        return self.norm(self.blocks(h))
+        return self.norm(self.blocks(self.embed(x)))
 
 
 class ClipModel(nn.Module):

@@ -44,7 +44,14 @@ IMAGE_SIZE = 48
 HELDOUT_COMBOS = frozenset({("red", "cross"), ("blue", "triangle"), ("yellow", "square")})
 """(colour, shape) pairs that the train and heldout splits never contain."""
 ATTRIBUTES = {"shape": SHAPES, "colour": list(COLOURS), "size": SIZES, "position": list(POSITIONS)}
-QUESTION_TYPES = ("colour", "shape", "exist", "count", "relation")
+QUESTION_TYPES = ("colour", "shape", "exist", "count", "relation", "cell")
+CELL_NAMES = {
+    (0, 0): "in the top left corner", (1, 0): "at the top", (2, 0): "in the top right corner",
+    (0, 1): "on the left", (1, 1): "in the center", (2, 1): "on the right",
+    (0, 2): "in the bottom left corner", (1, 2): "at the bottom",
+    (2, 2): "in the bottom right corner",
+}  # fmt: skip
+"""The cells of the 3x3 layout grid of multi-object scenes, (column, row) -> name."""
 COUNT_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # scenes with 1, 2, 3, 4 objects
 SIZE_FRACTION = {"small": (0.16, 0.19), "large": (0.26, 0.28)}  # diameter / canvas
 NUMBERS = ["no", "one", "two", "three", "four"]
@@ -236,6 +243,19 @@ def scene_questions(scene: Scene, rng: random.Random) -> list[QA]:
     return out
 
 
+def cell_question(scene: Scene, rng: random.Random) -> QA | None:
+    """'What is in the top left corner?' -> 'a red square' or 'nothing', for scenes of 2-4
+    objects (one per cell of the 3x3 grid; a cell with an object 3 times in 4). It asks
+    for one place's object, so the model learns to read each image token on its own."""
+    if len(scene.objects) < 2:
+        return None
+    by_cell = {(min(2, int(o.x * 3)), min(2, int(o.y * 3))): o for o in scene.objects}
+    cell = rng.choice(sorted(by_cell) if rng.random() < 0.75 else sorted(CELL_NAMES))
+    obj = by_cell.get(cell)
+    answer = obj.phrase(("colour", "shape")) if obj else "nothing"
+    return QA("cell", f"What is {CELL_NAMES[cell]}?", answer)
+
+
 # ---------------------------------------------------------------------------------------
 # Data sets
 # ---------------------------------------------------------------------------------------
@@ -273,6 +293,9 @@ def make_scenes(n: int, split: str = "train", seed: int | None = None) -> SceneS
     scenes = [random_scene(rng, split) for _ in range(n)]
     images = np.stack([draw_scene(s, rng) for s in scenes])  # (N, H, W, 3)
     qa = [scene_questions(s, rng) for s in scenes]
+    cell_rng = random.Random(f"cells-{split}-{seed}")  # the other questions stay as they were
+    for q, s in zip(qa, scenes, strict=True):
+        q += [c] if (c := cell_question(s, cell_rng)) is not None else []
     return SceneSet(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes, qa=qa)
 
 

@@ -30,6 +30,7 @@ from glassbox.vision.clip import (
     zero_shot,
 )
 from glassbox.vision.scenes import SceneSet, load_scenes
+from glassbox.vision.vlm import FEATURES
 
 
 @dataclass
@@ -228,8 +229,26 @@ class VLMTrainConfig(FinetuneConfig):
     """Keep the image encoder's weights fixed (train the projector and the LM only), as
     LLaVA's first stage does: tuned at this learning rate from a random projector, the
     ViT loses the shape features contrastive training gave it (docs/multimodal.md)."""
+    vision_lr_ratio: float = 0.1
+    """With --no-freeze-vision, the ViT learns at lr * this (on the same schedule): small,
+    so a random projector's first gradients do not erase what contrastive training gave
+    the encoder."""
     pool: int = 2
     """Image patches average-pooled pool x pool into one image token (1 = every patch)."""
+    cls_token: bool = True
+    """The ViT's [CLS] state as the first image token (a summary of the whole image)."""
+    features: str = "last"
+    """Image tokens from the ViT's last block (last), its stem (stem) or both (stem+last)."""
+    loss_average: str = "example"
+    """token: the mean over every answer token of the batch (a caption of 40 tokens
+    outweighs forty one-word answers); example: each answer's mean, then the mean over
+    answers (every question weighs the same)."""
+    single_object_fraction: float | None = None
+    """Share of training questions about single-object scenes (builtin:scenes; default:
+    as rendered, 40%). They are answered right early; questions about 2-4 objects need
+    the model to bind each colour to its shape and place, and are the slow part."""
+    question_first_fraction: float = 0.0
+    """Share of examples that ask the question before the image (the rest: image first)."""
     no_image_fraction: float = 0.1
     """Share of examples asked without their image (the no-image baseline's training)."""
     lr: float = 1e-3
@@ -251,6 +270,20 @@ class VLMTrainConfig(FinetuneConfig):
             raise GlassboxError(
                 "No image encoder: pass --vision RUN, a `glassbox clip train` output."
             )
+        if self.single_object_fraction is not None and not 0 <= self.single_object_fraction <= 1:
+            raise GlassboxError(
+                f"--single-object-fraction={self.single_object_fraction} must be in [0, 1]."
+            )
+        if not 0 < self.vision_lr_ratio <= 1:
+            raise GlassboxError(f"--vision-lr-ratio={self.vision_lr_ratio} must be in (0, 1].")
+        if self.loss_average not in ("token", "example"):
+            raise GlassboxError(f"--loss-average={self.loss_average!r}: use token or example.")
+        if self.features not in FEATURES:
+            raise GlassboxError(f"--features={self.features!r}: use one of {', '.join(FEATURES)}.")
+        if not 0 <= self.question_first_fraction <= 1:
+            raise GlassboxError(
+                f"--question-first-fraction={self.question_first_fraction} must be in [0, 1]."
+            )
         if not 0 <= self.no_image_fraction < 1:
             raise GlassboxError(f"--no-image-fraction={self.no_image_fraction} must be in [0, 1).")
 
@@ -266,7 +299,15 @@ def load_vision(path: str, device: torch.device):
     return loaded.model.vision, loaded.model.config
 
 
-def vlm_batch(tok, data: SceneSet, idx: list[int], rng: random.Random, model, p_no_image: float):
+def vlm_batch(
+    tok,
+    data: SceneSet,
+    idx: list[int],
+    rng: random.Random,
+    model,
+    p_no_image: float,
+    p_question_first: float = 0.0,
+):
     """Right-padded ids (B, T), targets (B, T) (-100 outside answers), images, slots."""
     from glassbox.vision.vlm import training_example
 
@@ -274,8 +315,9 @@ def vlm_batch(tok, data: SceneSet, idx: list[int], rng: random.Random, model, p_
     for b, i in enumerate(idx):
         q = rng.choice(data.qa[i])
         has_image = rng.random() >= p_no_image
+        image_first = not (p_question_first and rng.random() < p_question_first)
         ids, mask, starts = training_example(tok, q.question, q.answer, has_image,
-                                             model.image_tokens)  # fmt: skip
+                                             model.image_tokens, image_first)  # fmt: skip
         rows.append(ids)
         masks.append(mask)
         if has_image:
@@ -293,10 +335,33 @@ def vlm_batch(tok, data: SceneSet, idx: list[int], rng: random.Random, model, p_
     return ids, targets, images, slots
 
 
-def train_vlm(cfg: VLMTrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
-    """Train a vision-language model; returns the last metrics row (QA accuracy)."""
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor, average: str) -> torch.Tensor:
+    """Cross-entropy of logits (B, T, V) against targets (B, T) (-100: not learned),
+    averaged over tokens (``token``) or per answer, then over answers (``example``)."""
     import torch.nn.functional as F
 
+    per = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T)
+    if average == "token":
+        return per.sum() / (targets != -100).sum().clamp(min=1)
+    n = (targets != -100).sum(1)  # (B,)
+    return (per.sum(1)[n > 0] / n[n > 0]).mean()
+
+
+def scene_sampler(data: SceneSet, single_fraction: float | None):
+    """rng -> a training image index: uniform, or (built-in scenes with
+    ``single_fraction`` set) a single-object scene with that probability, else a scene of
+    2-4 objects."""
+    if single_fraction is None or data.scenes is None:
+        return lambda rng: rng.randrange(len(data))
+    single = [i for i, s in enumerate(data.scenes) if len(s.objects) == 1]
+    multi = [i for i, s in enumerate(data.scenes) if len(s.objects) > 1]
+    if not single or not multi:
+        return lambda rng: rng.randrange(len(data))
+    return lambda rng: rng.choice(single if rng.random() < single_fraction else multi)
+
+
+def train_vlm(cfg: VLMTrainConfig, explicit: set[str] | None = None) -> dict[str, Any]:
+    """Train a vision-language model; returns the last metrics row (QA accuracy)."""
     from glassbox.train.finetune import load_start, open_stage, save_stage
     from glassbox.vision.vlm import (
         VisionLanguageModel,
@@ -314,32 +379,41 @@ def train_vlm(cfg: VLMTrainConfig, explicit: set[str] | None = None) -> dict[str
     held = load_scenes(cfg.data, "heldout", cfg.num_images)
     if not any(train.qa):
         raise GlassboxError(f"{cfg.data} has no questions: add a qa.jsonl to the folder.")
-    model = VisionLanguageModel(lm, vision_cfg, cfg.pool).to(device)
+    model = VisionLanguageModel(lm, vision_cfg, cfg.pool, cfg.features, cfg.cls_token)
+    model = model.to(device)
     model.vision.load_state_dict(vision.state_dict())
     model.vision.requires_grad_(not cfg.freeze_vision)
     model.train()
-    optimizers = build_optimizers(model, "adamw", cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    adamw = ("adamw", cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
+    optimizers = build_optimizers(torch.nn.ModuleList([model.lm, model.projector]), *adamw)
+    if not cfg.freeze_vision:  # its own optimizer, stepped at lr * vision_lr_ratio
+        optimizers += build_optimizers(model.vision, *adamw)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     if run.snapshot is not None:
         load_vlm_state(model, run.snapshot.tensors["model.safetensors"], run.snapshot.path)
         step = restore_stage(run, None, optimizers, gen)[0]
 
+    draw = scene_sampler(train, cfg.single_object_fraction)
+
     def one_step(step: int) -> dict[str, float]:
         rng = _step_rng(cfg.seed, step)
         total, tokens = 0.0, 0
         for _ in range(cfg.grad_accum):
-            idx = [rng.randrange(len(train)) for _ in range(cfg.batch_size)]
+            idx = [draw(rng) for _ in range(cfg.batch_size)]
             ids, targets, images, slots = vlm_batch(tok, train, idx, rng, model,
-                                                    cfg.no_image_fraction)  # fmt: skip
+                cfg.no_image_fraction, cfg.question_first_fraction)  # fmt: skip
             logits = model(ids.to(device), None if images is None else images.to(device),
                            None if slots is None else slots.to(device))  # fmt: skip
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(device))
+            loss = answer_loss(logits, targets.to(device), cfg.loss_average)
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
             tokens += int(ids.numel())
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not cfg.freeze_vision:  # the loop set every group to the scheduled lr
+            for group in optimizers[-1].param_groups:
+                group["lr"] *= cfg.vision_lr_ratio
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
