@@ -111,12 +111,23 @@ def test_vlm_train_refuses_wrong_vision(lm_run, tmp_path):
     assert result.exit_code != 0 and "glassbox clip train" in str(result.exception)
 
 
-def test_vlm_resume_is_exact(lm_run, clip_run, tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {  # the ViT in its own optimizer, question-first prompts, resampled scenes
+            "freeze_vision": False, "vision_lr_ratio": 0.1, "question_first_fraction": 0.5,
+            "single_object_fraction": 0.2, "loss_average": "example", "positions": True,
+        },
+    ],
+)  # fmt: skip
+def test_vlm_resume_is_exact(lm_run, clip_run, tmp_path, options):
     import shutil
 
     from glassbox.vision.train import VLMTrainConfig, train_vlm
 
     settings = dict(base=lm_run, vision=clip_run, num_images=64, batch_size=4, max_steps=4)
+    settings |= options
     settings |= dict(eval_interval=10, checkpoint_interval=2, log_interval=2, eval_limit=2)
     settings["device"] = "cpu"
     full = tmp_path / "full"
@@ -128,6 +139,10 @@ def test_vlm_resume_is_exact(lm_run, clip_run, tmp_path):
     a = ckpt.load_tensors(full / "model.safetensors")
     b = ckpt.load_tensors(cut / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if not options.get("freeze_vision", True):  # the ViT learned, at a tenth of the lr
+        vit = ckpt.load_tensors(clip_run + "/model.safetensors")
+        moved = [k for k in a if k.startswith("vision.") and not torch.equal(a[k], vit[k])]
+        assert moved
 
 
 def test_stem_states_are_local_and_blocks_mix_them():
@@ -146,9 +161,10 @@ def test_stem_states_are_local_and_blocks_mix_them():
 
 
 @pytest.mark.parametrize(
-    ("features", "cls_token"), [("last", True), ("stem+last", True), ("stem", False)]
+    ("features", "cls_token", "positions"),
+    [("last", True, False), ("stem+last", True, True), ("stem", False, False)],
 )
-def test_feature_options_round_trip(lm_run, clip_run, tmp_path, features, cls_token):
+def test_feature_options_round_trip(lm_run, clip_run, tmp_path, features, cls_token, positions):
     import json
 
     from glassbox.vision.train import VLMTrainConfig, train_vlm
@@ -157,18 +173,21 @@ def test_feature_options_round_trip(lm_run, clip_run, tmp_path, features, cls_to
     train_vlm(VLMTrainConfig(
         base=lm_run, vision=clip_run, out=str(out), num_images=64, batch_size=4, max_steps=1,
         eval_interval=1, eval_limit=1, device="cpu", features=features, cls_token=cls_token,
+        positions=positions,
     ))  # fmt: skip
     model = ckpt.load_checkpoint(out).model
-    assert (model.features, model.cls_token) == (features, cls_token)
+    assert (model.features, model.cls_token, model.positions) == (features, cls_token, positions)
     assert model.image_tokens == int(cls_token) + 9
     x = make_scenes(2, "heldout").floats()
     assert model.encode_images(x).shape == (2, model.image_tokens, model.lm.cfg.d_model)
     if features == "last":  # a run from before these options loads as what it was
         record = json.loads((out / "config.json").read_text())
-        del record["features"], record["cls_token"]
+        del record["features"], record["cls_token"], record["positions"]
         (out / "config.json").write_text(json.dumps(record))
         old = ckpt.load_checkpoint(out).model
-        assert (old.features, old.cls_token, old.image_tokens) == ("last", True, 10)
+        assert (old.features, old.cls_token, old.positions, old.image_tokens) == (
+            "last", True, False, 10,
+        )  # fmt: skip
         assert torch.equal(old.encode_images(x), model.encode_images(x))
 
 
@@ -183,3 +202,35 @@ def test_answer_loss_token_and_example_averages():
     example = answer_loss(logits, targets, "example")
     assert token.item() == pytest.approx(((a + b.sum()) / 4).item(), rel=1e-6)
     assert example.item() == pytest.approx(((a + b.mean()) / 2).item(), rel=1e-6)
+
+
+def test_scene_sampler_and_question_first_prompts():
+    import random
+
+    from glassbox.vision.train import scene_sampler
+
+    data = make_scenes(200, "train")
+    rng = random.Random(0)
+    only_multi = {len(data.scenes[scene_sampler(data, 0.0)(rng)].objects) for _ in range(100)}
+    only_single = {len(data.scenes[scene_sampler(data, 1.0)(rng)].objects) for _ in range(100)}
+    assert 1 not in only_multi and only_single == {1}
+    msgs = image_messages("What colour is the square?", True, "red", image_first=False)
+    assert msgs[0]["content"] == f"What colour is the square?\n{IMAGE_MARKER}"
+
+
+def test_positions_add_a_vector_per_place(vlm):
+    from glassbox.vision.vlm import VisionLanguageModel
+
+    model, _ = vlm
+    torch.manual_seed(0)
+    with_pos = VisionLanguageModel(model.lm, model.vision_cfg, positions=True).eval()
+    with_pos.vision.load_state_dict(model.vision.state_dict())
+    plain = VisionLanguageModel(model.lm, model.vision_cfg).eval()
+    plain.vision.load_state_dict(model.vision.state_dict())
+    plain.projector.load_state_dict(with_pos.projector.state_dict())
+    x = make_scenes(1, "heldout").floats()
+    with torch.no_grad():
+        diff = with_pos.encode_images(x) - plain.encode_images(x)  # (1, 10, d)
+    rows, cols = with_pos.image_rows, with_pos.image_cols
+    assert torch.allclose(diff[0, 0], with_pos.image_cls)
+    assert torch.allclose(diff[0, 1 + 1 * 3 + 2], rows[1] + cols[2])  # row 1, column 2

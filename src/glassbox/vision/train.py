@@ -237,9 +237,13 @@ class VLMTrainConfig(FinetuneConfig):
     """Image patches average-pooled pool x pool into one image token (1 = every patch)."""
     cls_token: bool = True
     """The ViT's [CLS] state as the first image token (a summary of the whole image)."""
+    positions: bool = False
+    """Add a learned row and column vector to each image token (and one to [CLS]), so
+    the language model can find a cell by its place: rotary positions only say how far
+    back a token is, which changes with the question's length."""
     features: str = "last"
     """Image tokens from the ViT's last block (last), its stem (stem) or both (stem+last)."""
-    loss_average: str = "example"
+    loss_average: str = "token"
     """token: the mean over every answer token of the batch (a caption of 40 tokens
     outweighs forty one-word answers); example: each answer's mean, then the mean over
     answers (every question weighs the same)."""
@@ -379,14 +383,16 @@ def train_vlm(cfg: VLMTrainConfig, explicit: set[str] | None = None) -> dict[str
     held = load_scenes(cfg.data, "heldout", cfg.num_images)
     if not any(train.qa):
         raise GlassboxError(f"{cfg.data} has no questions: add a qa.jsonl to the folder.")
-    model = VisionLanguageModel(lm, vision_cfg, cfg.pool, cfg.features, cfg.cls_token)
+    model = VisionLanguageModel(lm, vision_cfg, cfg.pool, cfg.features, cfg.cls_token,
+                                cfg.positions)  # fmt: skip
     model = model.to(device)
     model.vision.load_state_dict(vision.state_dict())
-    model.vision.requires_grad_(not cfg.freeze_vision)
     model.train()
     adamw = ("adamw", cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
-    optimizers = build_optimizers(torch.nn.ModuleList([model.lm, model.projector]), *adamw)
+    model.vision.requires_grad_(False)
+    optimizers = build_optimizers(model, *adamw)  # everything but the ViT
     if not cfg.freeze_vision:  # its own optimizer, stepped at lr * vision_lr_ratio
+        model.vision.requires_grad_(True)
         optimizers += build_optimizers(model.vision, *adamw)
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0

@@ -58,6 +58,7 @@ class VisionLanguageModel(nn.Module):
         pool: int = 2,
         features: str = "last",
         cls_token: bool = True,
+        positions: bool = False,
     ):
         super().__init__()
         if vision_cfg.grid % pool:
@@ -71,9 +72,15 @@ class VisionLanguageModel(nn.Module):
         self.pool = pool
         self.features = features
         self.cls_token = cls_token
+        self.positions = positions
         self.vision = ViT(vision_cfg)
         d, dv = lm.cfg.d_model, vision_cfg.vision_dim * (2 if features == "stem+last" else 1)
         self.projector = nn.Sequential(nn.Linear(dv, d), nn.GELU(), nn.Linear(d, d))
+        if positions:  # learned row and column vectors added to each cell's, one for [CLS]
+            side = vision_cfg.grid // pool
+            self.image_rows = nn.Parameter(torch.randn(side, d) * 0.1)
+            self.image_cols = nn.Parameter(torch.randn(side, d) * 0.1)
+            self.image_cls = nn.Parameter(torch.randn(d) * 0.1)
 
     @property
     def image_tokens(self) -> int:
@@ -107,7 +114,12 @@ class VisionLanguageModel(nn.Module):
             both = self.features == "stem+last"
             cls = torch.cat([cls, cls], -1) if both else cls
             cells = torch.cat([stem, cells], -1) if both else stem
-        return self.projector(torch.cat([cls, cells], dim=1) if self.cls_token else cells)
+        out = self.projector(torch.cat([cls, cells], dim=1) if self.cls_token else cells)
+        if self.positions:  # (side*side, d): row r, column c at r * side + c
+            grid = (self.image_rows[:, None] + self.image_cols[None, :]).flatten(0, 1)
+            pos = torch.cat([self.image_cls[None], grid]) if self.cls_token else grid
+            out = out + pos
+        return out
 
     def input_embeds(
         self,
@@ -345,7 +357,8 @@ def vlm_record(model: VisionLanguageModel, extra: dict | None = None) -> dict:
     vis = asdict(model.vision_cfg) | {"vocab": list(model.vision_cfg.vocab)}
     head = {"architecture": "vlm", "stage": "vlm", "glassbox_version": __version__}
     shape = {"model": model.lm.cfg.to_dict(), "clip": vis, "pool": model.pool,
-             "features": model.features, "cls_token": model.cls_token}  # fmt: skip
+             "features": model.features, "cls_token": model.cls_token,
+             "positions": model.positions}  # fmt: skip
     return head | shape | (extra or {})
 
 
@@ -358,7 +371,8 @@ def _load_vlm(path: Path, record: dict, device: torch.device) -> Loaded:
     with torch.device(device):
         model = VisionLanguageModel(Transformer(cfg), vision_cfg, int(record.get("pool", 2)),
                                     str(record.get("features", "last")),
-                                    bool(record.get("cls_token", True)))  # fmt: skip
+                                    bool(record.get("cls_token", True)),
+                                    bool(record.get("positions", False)))  # fmt: skip
     state = load_tensors(path / "model.safetensors", device=device)
     load_vlm_state(model, state, path / "model.safetensors")
     return Loaded(model.eval(), tokenizer, record, "vlm")
@@ -407,7 +421,7 @@ def evaluate_qa(
             ]  # fmt: skip
             imgs = [data.images[i : i + 1] if with_image else None for i, _ in chunk]
             new = generate(
-                model, tok, prompts, imgs, max_new_tokens=96 if kind == "caption" else 12
+                model, tok, prompts, imgs, max_new_tokens=96 if kind == "caption" else 24
             )
             right += sum(
                 normalize_answer(tok.decode(n)) == normalize_answer(q.answer)
