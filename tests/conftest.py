@@ -35,3 +35,26 @@ def tiny_cfg(tokenizer) -> ModelConfig:
 def tiny_model(tiny_cfg) -> Transformer:
     torch.manual_seed(0)
     return Transformer(tiny_cfg).eval()
+
+
+TINY_CLIP = dict(
+    vision_dim=32, vision_layers=1, text_dim=32, text_layers=1, embed_dim=16, num_images=64,
+    batch_size=16, log_interval=2, eval_interval=4, checkpoint_interval=4, device="cpu",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_options() -> dict:
+    """`glassbox clip train` options of a tiny contrastive model (seconds to train)."""
+    return dict(TINY_CLIP)
+
+
+@pytest.fixture(scope="session")
+def clip_run(tmp_path_factory) -> str:
+    """A tiny contrastive run on builtin:scenes, trained for 4 steps (vision, diffusion
+    and server tests share it)."""
+    from glassbox.vision.train import ClipTrainConfig, train_clip
+
+    out = tmp_path_factory.mktemp("clip") / "run"
+    train_clip(ClipTrainConfig(out=str(out), max_steps=4, **TINY_CLIP))
+    return str(out)

@@ -19,19 +19,6 @@ from glassbox.diffusion.model import DiffusionConfig, load_model
 from glassbox.diffusion.pipeline import DiffusionPipeline
 from glassbox.errors import GlassboxError
 from glassbox.train.diffusion import preset, train
-from glassbox.vision.train import ClipTrainConfig, train_clip
-
-TINY_CLIP = dict(
-    vision_dim=32, vision_layers=1, text_dim=32, text_layers=1, embed_dim=16, num_images=64,
-    batch_size=16, log_interval=2, eval_interval=4, checkpoint_interval=4, device="cpu",
-)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("clip") / "run"
-    train_clip(ClipTrainConfig(out=str(out), max_steps=2, **TINY_CLIP))
-    return str(out)
 
 
 def clip_text_weights(clip_run: str) -> dict[str, torch.Tensor]:

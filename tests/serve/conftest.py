@@ -103,6 +103,26 @@ def free_port_number() -> int:
 
 
 @pytest.fixture(scope="session")
+def wait_healthy():
+    """``wait(base_url, proc)``: poll /health until 200; fail if ``proc`` exits first or
+    two minutes pass (a `glassbox serve` subprocess starting)."""
+    import httpx
+
+    def wait(base: str, proc, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, "server did not start"
+            time.sleep(0.2)
+
+    return wait
+
+
+@pytest.fixture(scope="session")
 def glassbox_cli() -> str:
     """The installed `glassbox` command (the venv's, when tests run from one)."""
     exe = Path(sys.executable).parent / "glassbox"

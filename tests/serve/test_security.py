@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import httpx
 import pytest
@@ -120,7 +119,9 @@ def test_cli_refuses_unsafe_setups(tiny_ckpt, glassbox_cli):
     assert "no API key is set" in p.stdout + p.stderr
 
 
-def test_cli_key_from_environment_and_sigterm_drain(tiny_ckpt, free_port_number, glassbox_cli):
+def test_cli_key_from_environment_and_sigterm_drain(
+    tiny_ckpt, free_port_number, glassbox_cli, wait_healthy
+):
     port = free_port_number
     env = {**os.environ, "GLASSBOX_API_KEY": KEY}
     proc = subprocess.Popen(
@@ -129,15 +130,7 @@ def test_cli_key_from_environment_and_sigterm_drain(tiny_ckpt, free_port_number,
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.2)
+        wait_healthy(base, proc)
         assert httpx.get(base + "/v1/models").status_code == 401
         auth = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(base + "/v1/models", headers=auth).status_code == 200

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import subprocess
-import time
 
 import numpy as np
 import openai
@@ -19,14 +18,10 @@ from PIL import Image
 from glassbox.checkpoint import load_checkpoint
 from glassbox.serve.limits import ServeLimits
 from glassbox.vision.scenes import load_image
-from glassbox.vision.train import ClipTrainConfig, VLMTrainConfig, train_clip, train_vlm
+from glassbox.vision.train import VLMTrainConfig, train_vlm
 from glassbox.vision.vlm import answer, image_messages
 
 KEY = "test-key"
-TINY_CLIP = dict(
-    vision_dim=16, vision_layers=1, text_dim=16, text_layers=1, embed_dim=8, num_images=32,
-    batch_size=8, device="cpu",
-)  # fmt: skip
 
 
 def data_url(img: Image.Image, fmt: str = "PNG") -> str:
@@ -42,17 +37,14 @@ def scene(colour: tuple[int, int, int]) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_ckpt) -> dict[str, str]:
-    """A contrastive run and a vision-language run on the tiny chat model (real training
-    code, one step each)."""
-    root = tmp_path_factory.mktemp("vision-serve")
-    clip = root / "clip"
-    train_clip(ClipTrainConfig(out=str(clip), max_steps=1, **TINY_CLIP))
-    vlm = root / "vlm"
-    train_vlm(VLMTrainConfig(base=str(tiny_ckpt), vision=str(clip), out=str(vlm),
+def runs(tmp_path_factory, tiny_ckpt, clip_run) -> dict[str, str]:
+    """The tiny contrastive run and a vision-language run on the tiny chat model (real
+    training code)."""
+    vlm = tmp_path_factory.mktemp("vision-serve") / "vlm"
+    train_vlm(VLMTrainConfig(base=str(tiny_ckpt), vision=clip_run, out=str(vlm),
                              num_images=32, batch_size=4, max_steps=1, eval_limit=1,
                              device="cpu"))  # fmt: skip
-    return {"clip": str(clip), "vlm": str(vlm), "lm": str(tiny_ckpt)}
+    return {"clip": clip_run, "vlm": str(vlm), "lm": str(tiny_ckpt)}
 
 
 @pytest.fixture(scope="module")
@@ -190,9 +182,10 @@ def test_embedding_errors_name_the_field(client, model, inputs, param, words):
     assert err.body["param"] == param and words in err.body["message"]
 
 
-def test_glassbox_serve_cli_serves_both_runs(runs, free_port_number, glassbox_cli):
+def test_glassbox_serve_cli_serves_both_runs(
+    runs, free_port_number, glassbox_cli, tiny_clip_options, wait_healthy
+):
     """`glassbox serve VLM CLIP` as the README shows it, in a subprocess."""
-    import httpx
 
     port = free_port_number
     cmd = [glassbox_cli, "serve", f"vlm={runs['vlm']}", f"clip={runs['clip']}", "--port",
@@ -200,15 +193,7 @@ def test_glassbox_serve_cli_serves_both_runs(runs, free_port_number, glassbox_cl
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(base + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, "server did not start"
-            time.sleep(0.2)
+        wait_healthy(base, proc)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
         url = data_url(scene((220, 30, 30)))
         r = ask(client, url, max_tokens=3, temperature=0)
@@ -217,7 +202,7 @@ def test_glassbox_serve_cli_serves_both_runs(runs, free_port_number, glassbox_cl
         err = _bad_request(lambda: client.chat.completions.create(model="vlm", messages=two))
         assert "--max-images" in err.body["message"]
         emb = client.embeddings.create(model="clip", input="a red circle", encoding_format="float")
-        assert len(emb.data[0].embedding) == 8
+        assert len(emb.data[0].embedding) == tiny_clip_options["embed_dim"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -5,19 +5,7 @@ from __future__ import annotations
 import pytest
 
 from glassbox import checkpoint as ckpt
-from glassbox.vision.train import ClipTrainConfig, VLMTrainConfig, train_clip, train_vlm
-
-TINY_CLIP = dict(
-    vision_dim=32, vision_layers=1, text_dim=32, text_layers=1, embed_dim=16, num_images=64,
-    batch_size=16, log_interval=2, eval_interval=4, checkpoint_interval=4, device="cpu",
-)  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def clip_run(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("clip") / "run"
-    train_clip(ClipTrainConfig(out=str(out), max_steps=4, **TINY_CLIP))
-    return str(out)
+from glassbox.vision.train import VLMTrainConfig, train_vlm
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,6 @@ from glassbox import checkpoint as ckpt
 from glassbox.cli import app
 from glassbox.vision.clip import info_nce
 
-from .conftest import TINY_CLIP
-
 
 def test_info_nce_equals_hand_computation():
     u = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
@@ -37,7 +35,7 @@ def test_info_nce_equals_hand_computation():
     assert info_nce(u, v, s, eye).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_zero_shot_learns_a_separable_set(tmp_path):
+def test_zero_shot_learns_a_separable_set(tmp_path, tiny_clip_options):
     data = tmp_path / "data"
     data.mkdir()
     rows = []
@@ -50,7 +48,7 @@ def test_zero_shot_learns_a_separable_set(tmp_path):
     out = tmp_path / "run"
     args = ["clip", "train", "--data", str(data), "--out", str(out), "--max-steps", "15"]
     args += ["--lr", "3e-3", "--warmup-steps", "2"]
-    for k, v in TINY_CLIP.items():
+    for k, v in tiny_clip_options.items():
         if k != "num_images":
             args += [f"--{k.replace('_', '-')}", str(v)]
     result = CliRunner().invoke(app, args)
@@ -85,12 +83,12 @@ def test_unknown_prompt_words_are_named(clip_run):
         model.encode_text(["a photo of a zebra"])
 
 
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, tiny_clip_options):
     import shutil
 
     from glassbox.vision.train import ClipTrainConfig, train_clip
 
-    settings = TINY_CLIP | {"checkpoint_interval": 2, "eval_interval": 10, "max_steps": 4}
+    settings = tiny_clip_options | {"checkpoint_interval": 2, "eval_interval": 10, "max_steps": 4}
     full = tmp_path / "full"
     train_clip(ClipTrainConfig(out=str(full), **settings))
     cut = tmp_path / "cut"
