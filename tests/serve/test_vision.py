@@ -48,13 +48,15 @@ def runs(tmp_path_factory, tiny_ckpt, clip_run) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def live(runs, start_live):
+def live(runs, start_live, tmp_path_factory):
     from glassbox.serve.app import create_app, load_served_models
 
     specs = [f"{name}={path}" for name, path in runs.items()]
     models = load_served_models(specs, device="cpu", dtype="fp32", max_seqs=4)
     limits = ServeLimits(max_images=2, max_image_bytes=20_000, max_image_pixels=300 * 300)
-    srv = start_live(create_app(models, api_key=KEY, limits=limits))
+    arena = tmp_path_factory.mktemp("arena")
+    srv = start_live(create_app(models, api_key=KEY, limits=limits, playground=True,
+                                arena_dir=arena))  # fmt: skip
     yield srv
     srv.stop()
 
@@ -97,6 +99,22 @@ def test_chat_with_an_image_answers_as_vlm_ask_does(client, runs):
         messages=[{"role": "user", "content": "What colour is the square?"}],
     )  # fmt: skip
     assert blind.usage.prompt_tokens < r.usage.prompt_tokens
+
+
+def test_the_playground_asks_a_served_vision_language_run(live, client):
+    """`glassbox serve runs/vlm --playground`: the Images view lists the served run and
+    answers with the same model as the API."""
+    import httpx
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    info = httpx.get(live.url + "/v1/glassbox/info", headers=auth).json()
+    assert info["vision"] == [{"id": "vlm", "image_size": 48}]
+    url = data_url(scene((220, 30, 30)))
+    body = {"run": "vlm", "question": "What colour is the square?", "image": url,
+            "max_tokens": 4}  # fmt: skip
+    r = httpx.post(live.url + "/v1/glassbox/vision", json=body, headers=auth, timeout=60)
+    api = ask(client, url, max_tokens=4, temperature=0).choices[0].message.content
+    assert r.status_code == 200 and r.json()["answer"] == api
 
 
 def test_streaming_and_jpeg_images(client):
