@@ -42,7 +42,7 @@ def vlm(vlm_run):
 def test_placeholder_splices_image_tokens(vlm):
     model, tok = vlm
     n = model.image_tokens
-    assert n == 1 + (48 // 8 // 2) ** 2
+    assert n == (48 // 8 // 2) ** 2  # 3x3 pooled cells; no [CLS] token by default
     msgs = [{"role": "user", "content": f"{IMAGE_MARKER}\nfirst {IMAGE_MARKER}\nsecond"}]
     from glassbox.conversation import encode_prompt
 

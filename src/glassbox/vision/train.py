@@ -235,15 +235,19 @@ class VLMTrainConfig(FinetuneConfig):
     the encoder."""
     pool: int = 2
     """Image patches average-pooled pool x pool into one image token (1 = every patch)."""
-    cls_token: bool = True
-    """The ViT's [CLS] state as the first image token (a summary of the whole image)."""
+    cls_token: bool = False
+    """The ViT's [CLS] state as the first image token (a summary of the whole image). Off
+    by default: with it the language model answers from that bag of attributes and, on
+    scenes of 2-4 objects, mixes up which colour goes with which shape; without it, it
+    must read the cells, slower at first and far better after ~2500 steps
+    (docs/multimodal.md, "Results")."""
     positions: bool = False
     """Add a learned row and column vector to each image token (and one to [CLS]), so
     the language model can find a cell by its place: rotary positions only say how far
     back a token is, which changes with the question's length."""
-    features: str = "last"
+    features: str = "stem+last"
     """Image tokens from the ViT's last block (last), its stem (stem) or both (stem+last)."""
-    loss_average: str = "token"
+    loss_average: str = "example"
     """token: the mean over every answer token of the batch (a caption of 40 tokens
     outweighs forty one-word answers); example: each answer's mean, then the mean over
     answers (every question weighs the same)."""
@@ -259,8 +263,11 @@ class VLMTrainConfig(FinetuneConfig):
     """Peak learning rate (AdamW)."""
     batch_size: int = 32
     """Questions per micro-batch."""
-    max_steps: int = 600
+    max_steps: int = 6000
     """Optimizer steps; the schedule follows this or --max-minutes, whichever ends first."""
+    max_minutes: float | None = 10.0
+    """Training-time budget in minutes (evaluation and checkpoints excluded); on a quiet
+    2-core CPU 10 minutes are about 4600 steps."""
     eval_interval: int = 200
     """Steps between held-out evaluations (and at the end)."""
     checkpoint_interval: int = 200
