@@ -31,3 +31,26 @@ def vlm_run(tmp_path_factory, clip_run, lm_run) -> str:
     )  # fmt: skip
     train_vlm(cfg)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def resumed_weights():
+    """``run(train, Config, tmp_path, settings)``: train 4 steps with snapshots every 2,
+    copy the run, delete its last snapshot (as if it died after step 2), resume it;
+    assert the resumed weights equal the uninterrupted run's and return them."""
+    import shutil
+
+    import torch
+
+    def run(train, config, tmp_path, settings: dict) -> dict:
+        full, cut = tmp_path / "full", tmp_path / "cut"
+        train(config(out=str(full), **settings))
+        shutil.copytree(full, cut)
+        shutil.rmtree(cut / "checkpoints" / "step_00000004")
+        train(config(out=str(cut), resume=True, **settings))
+        a = ckpt.load_tensors(full / "model.safetensors")
+        b = ckpt.load_tensors(cut / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        return a
+
+    return run

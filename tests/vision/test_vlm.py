@@ -121,24 +121,14 @@ def test_vlm_train_refuses_wrong_vision(lm_run, tmp_path):
         },
     ],
 )  # fmt: skip
-def test_vlm_resume_is_exact(lm_run, clip_run, tmp_path, options):
-    import shutil
-
+def test_vlm_resume_is_exact(lm_run, clip_run, tmp_path, options, resumed_weights):
     from glassbox.vision.train import VLMTrainConfig, train_vlm
 
     settings = dict(base=lm_run, vision=clip_run, num_images=64, batch_size=4, max_steps=4)
     settings |= options
     settings |= dict(eval_interval=10, checkpoint_interval=2, log_interval=2, eval_limit=2)
     settings["device"] = "cpu"
-    full = tmp_path / "full"
-    train_vlm(VLMTrainConfig(out=str(full), **settings))
-    cut = tmp_path / "cut"
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "checkpoints" / "step_00000004")  # as if it died after step 2
-    train_vlm(VLMTrainConfig(out=str(cut), resume=True, **settings))
-    a = ckpt.load_tensors(full / "model.safetensors")
-    b = ckpt.load_tensors(cut / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = resumed_weights(train_vlm, VLMTrainConfig, tmp_path, settings)
     if not options.get("freeze_vision", True):  # the ViT learned, at a tenth of the lr
         vit = ckpt.load_tensors(clip_run + "/model.safetensors")
         moved = [k for k in a if k.startswith("vision.") and not torch.equal(a[k], vit[k])]
